@@ -1,0 +1,211 @@
+"""DPoP proofs over MQTT (RFC 9449 section 4.3 checklist, protocol.md section 4).
+
+One `DPoPVerifier` serves both the service and the broker, so they accept the
+same nonces and share one `jti` memory. Every check is a small named function;
+`now` is passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, OKPKey
+
+from authsvc.errors import InvalidDPoPProof, TemporarilyUnavailable, UseDPoPNonce
+from authsvc.keys import b64u, b64u_decode
+
+MAX_PROOF_BYTES = 4096
+MAX_JTI_CHARS = 64
+PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+# algorithm -> (kty, crv) its key must have; asymmetric only
+KEY_TYPES = {"ES256": ("EC", "P-256"), "EdDSA": ("OKP", "Ed25519")}
+
+
+@dataclass(frozen=True)
+class Proof:
+    jkt: str
+    jti: str
+    iat: float
+    nonce: str | None
+    claims: dict[str, Any]
+
+
+def ath_of(access_token: str) -> str:
+    return b64u(hashlib.sha256(access_token.encode("ascii")).digest())
+
+
+def jwk_thumbprint(jwk: dict[str, Any]) -> str:
+    """RFC 7638: SHA-256 over the required members only, in lexicographic order."""
+    required = {"EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x"), "RSA": ("e", "kty", "n")}
+    members = required.get(jwk.get("kty"))  # type: ignore[arg-type]
+    if members is None or not all(isinstance(jwk.get(m), str) for m in members):
+        raise InvalidDPoPProof(detail="jwk lacks the members its kty requires")
+    canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
+    return b64u(hashlib.sha256(canonical.encode()).digest())
+
+
+# -- the checklist, one function per item -------------------------------------------
+def split_proof(proof: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not isinstance(proof, str) or not proof:
+        raise InvalidDPoPProof("The DPoP proof must be a JWT string")
+    if len(proof) > MAX_PROOF_BYTES:
+        raise InvalidDPoPProof(f"The DPoP proof exceeds {MAX_PROOF_BYTES} bytes")
+    parts = proof.split(".")
+    if len(parts) != 3:
+        raise InvalidDPoPProof("The DPoP proof is not a compact JWS")
+    try:
+        header = json.loads(b64u_decode(parts[0]))
+        claims = json.loads(b64u_decode(parts[1]))
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidDPoPProof("The DPoP proof is not well-formed") from None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise InvalidDPoPProof("The DPoP proof is not well-formed")
+    return header, claims
+
+
+def check_typ(header: dict[str, Any]) -> None:
+    if header.get("typ") != "dpop+jwt":
+        raise InvalidDPoPProof("The DPoP proof must have typ dpop+jwt")
+
+
+def check_alg(header: dict[str, Any], allowed: tuple[str, ...]) -> str:
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in allowed or alg not in KEY_TYPES:
+        raise InvalidDPoPProof(f"The DPoP proof algorithm must be one of {', '.join(allowed)}")
+    return alg
+
+
+def check_public_jwk(header: dict[str, Any], alg: str) -> ECKey | OKPKey:
+    jwk = header.get("jwk")
+    if not isinstance(jwk, dict):
+        raise InvalidDPoPProof("The DPoP proof header must carry a jwk")
+    if PRIVATE_JWK_MEMBERS & jwk.keys():
+        raise InvalidDPoPProof("The DPoP proof jwk must not contain private key members")
+    kty, crv = KEY_TYPES[alg]
+    if jwk.get("kty") != kty or jwk.get("crv") != crv:
+        raise InvalidDPoPProof(f"The DPoP proof jwk must be a {kty} {crv} key for {alg}")
+    try:
+        return ECKey.import_key(jwk) if kty == "EC" else OKPKey.import_key(jwk)
+    except (JoseError, ValueError, TypeError):
+        raise InvalidDPoPProof("The DPoP proof jwk is not a valid public key") from None
+
+
+def check_signature(proof: str, key: ECKey | OKPKey, alg: str) -> None:
+    try:
+        jws.deserialize_compact(proof, key, algorithms=[alg])
+    except (JoseError, ValueError, TypeError):
+        raise InvalidDPoPProof("The DPoP proof signature does not verify") from None
+
+
+def check_claim_types(claims: dict[str, Any]) -> None:
+    jti = claims.get("jti")
+    if not isinstance(jti, str) or not 1 <= len(jti) <= MAX_JTI_CHARS:
+        raise InvalidDPoPProof(f"The DPoP proof jti must be a string of 1-{MAX_JTI_CHARS} characters")
+    iat = claims.get("iat")
+    if isinstance(iat, bool) or not isinstance(iat, (int, float)) or not math.isfinite(iat):
+        raise InvalidDPoPProof("The DPoP proof iat must be a number")
+    if "nonce" in claims and not isinstance(claims["nonce"], str):
+        raise InvalidDPoPProof("The DPoP proof nonce must be a string")
+
+
+def check_htm_htu(claims: dict[str, Any], htm: str, htu: str) -> None:
+    if claims.get("htm") != htm:
+        raise InvalidDPoPProof(f"The DPoP proof htm must be {htm}")
+    if claims.get("htu") != htu:
+        raise InvalidDPoPProof(f"The DPoP proof htu must be {htu}")
+
+
+def check_ath(claims: dict[str, Any], access_token: str | None) -> None:
+    if access_token is None:
+        if "ath" in claims:
+            raise InvalidDPoPProof("The DPoP proof carries ath but no access token was presented")
+        return
+    ath = claims.get("ath")
+    if not isinstance(ath, str) or not hmac.compare_digest(ath, ath_of(access_token)):
+        raise InvalidDPoPProof("The DPoP proof ath does not match the access token")
+
+
+class NonceIssuer:
+    """Stateless server nonces: a MAC over the current fixed time step; the step before stays valid."""
+
+    def __init__(self, secret: bytes, step: int) -> None:
+        self._secret = secret
+        self._step = step
+
+    def _for_step(self, step: int) -> str:
+        return b64u(hmac.new(self._secret, f"dpop-nonce:{step}".encode(), hashlib.sha256).digest()[:24])
+
+    def current(self, now: float) -> str:
+        return self._for_step(int(now // self._step))
+
+    def is_valid(self, nonce: str, now: float) -> bool:
+        step = int(now // self._step)
+        return any(hmac.compare_digest(nonce.encode(), self._for_step(s).encode()) for s in (step, step - 1))
+
+
+def check_freshness(claims: dict[str, Any], nonces: NonceIssuer, now: float, window: int) -> None:
+    nonce = claims.get("nonce")
+    if nonce is not None:
+        if not nonces.is_valid(nonce, now):
+            raise UseDPoPNonce("The DPoP nonce is not valid; use the dpop_nonce of this response")
+        return
+    if abs(now - float(claims["iat"])) > window:
+        raise UseDPoPNonce("The DPoP proof iat is outside the acceptance window; use the dpop_nonce")
+
+
+class JtiMemory:
+    """Seen (key, jti) pairs, kept while their proof could still be accepted. Bounded."""
+
+    def __init__(self, retention: float, capacity: int = 100_000) -> None:
+        self.retention = retention
+        self.capacity = capacity
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def _purge(self, now: float) -> None:
+        while self._seen:
+            key, until = next(iter(self._seen.items()))
+            if until > now:
+                break
+            self._seen.popitem(last=False)
+
+    def remember(self, jkt: str, jti: str, now: float) -> None:
+        self._purge(now)
+        if (jkt, jti) in self._seen:
+            raise InvalidDPoPProof("The DPoP proof has been used before (jti replay)")
+        if len(self._seen) >= self.capacity:
+            raise TemporarilyUnavailable("Too many DPoP proofs in flight; retry shortly")
+        self._seen[(jkt, jti)] = now + self.retention
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class DPoPVerifier:
+    def __init__(self, nonces: NonceIssuer, *, algorithms: tuple[str, ...], window: int, nonce_step: int) -> None:
+        self.nonces = nonces
+        self.algorithms = algorithms
+        self.window = window
+        # a proof is acceptable for at most two nonce steps, or iat +- window: keep its jti at least that long
+        self.jtis = JtiMemory(retention=max(2 * nonce_step, 2 * window) + window)
+
+    def verify(self, proof: Any, *, htm: str, htu: str, now: float, access_token: str | None = None) -> Proof:
+        header, claims = split_proof(proof)
+        check_typ(header)
+        alg = check_alg(header, self.algorithms)
+        key = check_public_jwk(header, alg)
+        check_signature(proof, key, alg)
+        check_claim_types(claims)
+        check_htm_htu(claims, htm, htu)
+        check_ath(claims, access_token)
+        check_freshness(claims, self.nonces, now, self.window)
+        jkt = jwk_thumbprint(header["jwk"])
+        self.jtis.remember(jkt, claims["jti"], now)
+        return Proof(jkt=jkt, jti=claims["jti"], iat=float(claims["iat"]), nonce=claims.get("nonce"), claims=claims)

@@ -1,0 +1,57 @@
+"""The HTTP side: RFC 8414 metadata, JWKS, health, metrics, and the activate pages (web/activate.py)."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from authsvc import metrics
+from authsvc.clock import Clock
+from authsvc.service import AuthService
+
+
+def metadata_document(service: AuthService) -> dict[str, object]:
+    s = service.settings
+    return {
+        "issuer": s.issuer,
+        "jwks_uri": f"{s.issuer}/.well-known/jwks.json",
+        "device_authorization_endpoint": f"{s.issuer}/activate",
+        "grant_types_supported": ["urn:ietf:params:oauth:grant-type:device_code", "refresh_token"],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "scopes_supported": sorted(s.scopes),
+        "dpop_signing_alg_values_supported": list(s.dpop_algorithms),
+        "mqtt_device_authorization_topic": f"{s.prefix}/device_authorization",
+        "mqtt_token_topic": f"{s.prefix}/token",
+        "mqtt_revoke_topic": f"{s.prefix}/revoke",
+        "mqtt_jwks_topic": f"{s.prefix}/jwks",
+        "mqtt_broker_audience": s.audience,
+    }
+
+
+def create_app(service: AuthService, clock: Clock) -> Starlette:
+    async def metadata(request: Request) -> Response:
+        return JSONResponse(metadata_document(service))
+
+    async def jwks(request: Request) -> Response:
+        return JSONResponse(service.keys.jwks(), headers={"Cache-Control": "max-age=300"})
+
+    async def health(request: Request) -> Response:
+        try:
+            stats = service.store.stats()
+        except Exception as exc:  # the database is the one thing that can fail underneath us
+            return JSONResponse({"status": "error", "detail": type(exc).__name__}, status_code=503)
+        return JSONResponse({"status": "ok", **stats})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    routes = [
+        Route("/.well-known/oauth-authorization-server", metadata),
+        Route("/.well-known/jwks.json", jwks),
+        Route("/health", health),
+        Route("/metrics", prometheus),
+    ]
+    return Starlette(routes=routes)

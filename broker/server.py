@@ -1,0 +1,227 @@
+"""The amqtt broker, hardened where a plugin alone cannot be (../shared/amqtt-notes.md), and the Gate
+that ties it to the authorization service: request hand-off, forced disconnects, expiry, JWKS.
+
+`HardenedBroker` overrides, each for a stated reason:
+- `_initialize_client_session`: wait at most `connect_timeout` for CONNECT, and authenticate BEFORE any
+  existing session is touched (stock amqtt wipes or takes over a victim's session first, flaw 1); a
+  bootstrap CONNECT may not take over a live authenticated ClientId (CONNACK 2).
+- `_authenticate`: returns the decision already taken above, so the plugin runs once per CONNECT
+  (a second run would see its own proof as a replay).
+- `retain_message`: a device's publish never becomes a retained message under the protocol prefix.
+- `_publish_retained_messages_for_subscription`: retained messages obey the RECEIVE check (flaw 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+
+from authsvc import metrics
+from authsvc.clock import Clock
+from authsvc.mqtt_api import MqttApi
+from authsvc.service import AuthService
+from broker.plugin import IotAuthPlugin, info
+
+log = logging.getLogger("iotauth.broker")
+
+SWEEP_SECONDS = 0.2
+ADMITTED = "iotauth.admitted"
+
+
+def broker_config(host: str, port: int) -> dict[str, Any]:
+    # An explicit plugin list: the default one loads a packet logger that writes CONNECT passwords (tokens).
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "plugins": {"broker.plugin.IotAuthPlugin": {}},
+    }
+
+
+class HardenedBroker(Broker):
+    connect_timeout: float = 10.0
+
+    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
+                                         remote_port: int) -> tuple[BrokerProtocolHandler, Session]:
+        try:
+            handler, session = await asyncio.wait_for(
+                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager), self.connect_timeout)
+        except asyncio.TimeoutError:
+            log.warning("no CONNECT from %s:%s within %.0f s; closing", remote_address, remote_port,
+                        self.connect_timeout)
+            await writer.close()
+            raise AMQTTError("CONNECT timeout") from None
+        except (AMQTTError, MQTTError, NoDataError) as exc:
+            log.warning("bad first packet from %s:%s: %s", remote_address, remote_port, exc)
+            await writer.close()
+            raise AMQTTError(exc) from exc
+
+        code = await self._admit(session)
+        if code:
+            await ConnackPacket.build(0, code).to_stream(writer)
+            await writer.close()
+            raise MQTTError(f"CONNECT refused with return code {code}")
+        session.attributes[ADMITTED] = True
+
+        if session.clean_session:
+            if session.client_id:
+                await self._delete_session(session.client_id)
+            else:
+                from amqtt.utils import gen_client_id
+                session.client_id = gen_client_id()
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing, _ = self._sessions[session.client_id]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+                         "username", "password", "attributes", "remote_address", "remote_port", "ssl_object"):
+                setattr(existing, name, getattr(session, name))
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        return handler, session
+
+    async def _admit(self, session: Session) -> int:
+        """0 to admit, else the CONNACK return code. Runs before any session state changes."""
+        if not await super()._authenticate(session, None):  # type: ignore[arg-type]
+            return int(session.attributes.get("iotauth.connack", 5))
+        meta = info(session)
+        live = self._sessions.get(session.client_id or "")
+        if meta is not None and meta.kind == "bootstrap" and live is not None:
+            other = info(live[0])
+            if other is not None and other.kind == "device" and live[0].transitions.is_connected():
+                log.warning("bootstrap CONNECT tried to take over live device session %r", session.client_id)
+                return 2
+        return 0
+
+    async def _authenticate(self, session: Session, _: Any) -> bool:
+        return session.attributes.get(ADMITTED) is True
+
+    async def retain_message(self, source_session: Session | None, topic_name: str | None,
+                             data: bytes | bytearray | None, qos: int | None = None) -> None:
+        gate: Gate | None = getattr(self, "gate", None)
+        if source_session is not None and gate is not None and topic_name is not None \
+                and (topic_name + "/").startswith(gate.service.settings.prefix + "/"):
+            log.warning("not retaining a device's publish on %r", topic_name)
+            return
+        await super().retain_message(source_session, topic_name, data, qos)
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            if self._matches(topic, topic_filter) and await self._topic_filtering(session, topic, Action.RECEIVE):
+                tasks.append(asyncio.ensure_future(
+                    handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+class Gate:
+    """What the running broker needs from the service, and what the service needs from the broker."""
+
+    def __init__(self, broker: HardenedBroker, service: AuthService, clock: Clock) -> None:
+        self.broker = broker
+        self.service = service
+        self.clock = clock
+        self.api = MqttApi(service, clock, self.publish)
+        self._devices: dict[int, Session] = {}
+        self._wake = asyncio.Event()
+        self._last_revocation = service.store.last_revocation_id()
+        self._task: asyncio.Task[None] | None = None
+        service.on_revocation.append(self._wake.set)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        await self.broker.internal_message_broadcast(topic, data, 1)
+
+    async def publish_jwks(self) -> None:
+        data = json.dumps(self.service.keys.jwks(), separators=(",", ":")).encode()
+        await self.broker.retain_message(None, f"{self.service.settings.prefix}/jwks", data, 1)
+
+    def track(self, session: Session) -> None:
+        meta = info(session)
+        if meta is not None and meta.kind == "device":
+            self._devices[id(session)] = session
+        metrics.SESSIONS.labels(kind=meta.kind if meta else "unknown").inc()
+
+    def untrack(self, session: Session) -> None:
+        self._devices.pop(id(session), None)
+        meta = info(session)
+        metrics.SESSIONS.labels(kind=meta.kind if meta else "unknown").dec()
+
+    def expire_soon(self, session: Session | None) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), SWEEP_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("session sweep failed")
+
+    async def sweep(self) -> None:
+        """Close sessions whose token expired or whose grant or token was revoked (by any process)."""
+        now = self.clock.now()
+        events = self.service.store.revocations_after(self._last_revocation)
+        if events:
+            self._last_revocation = events[-1].id
+        grants = {e.grant_id for e in events if e.jti is None}
+        jtis = {e.jti for e in events if e.jti is not None}
+        for session in list(self._devices.values()):
+            device = info(session).device  # type: ignore[union-attr]
+            if device.exp <= now:
+                await self.disconnect(session, "expired")
+            elif device.grant_id in grants or device.jti in jtis:
+                await self.disconnect(session, "revoked")
+
+    async def disconnect(self, session: Session, reason: str) -> None:
+        self._devices.pop(id(session), None)
+        entry = self.broker.sessions.get(session.client_id or "")
+        if entry is None or entry[0] is not session:
+            return
+        session.will_flag = False  # no Will when the server closes the session (protocol section 7)
+        log.warning("closing session of %s: token %s", session.client_id, reason)
+        metrics.DISCONNECTS.labels(reason=reason).inc()
+        await entry[1].handle_connection_closed()
+
+
+async def start_broker(service: AuthService, clock: Clock, host: str, port: int) -> tuple[HardenedBroker, Gate]:
+    broker = HardenedBroker(broker_config(host, port))
+    broker.connect_timeout = service.settings.connect_timeout
+    plugin = broker.plugins_manager.get_plugin("IotAuthPlugin")
+    assert isinstance(plugin, IotAuthPlugin)
+    gate = Gate(broker, service, clock)
+    plugin.attach(gate)
+    broker.gate = gate  # type: ignore[attr-defined]
+    await broker.start()
+    gate.start()
+    return broker, gate
+
+
+def bound_port(broker: HardenedBroker) -> int:
+    server = broker._servers["default"].instance
+    return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
