@@ -204,7 +204,7 @@ def load_settings(data_dir: Path | None = None) -> Settings:
         source = "config/default.toml"
     _env_overrides(values)
     try:
-        scopes = parse_scope_catalogue(scopes_raw, source)
+        scopes = parse_scope_catalogue(scopes_raw, source, prefix=values.get("prefix", "oauth/v1"))
     except ACLConfigError as exc:
         raise ConfigError(str(exc)) from None
     return Settings(data_dir=data_dir, scopes=scopes, **values)

@@ -69,7 +69,7 @@ def refresh_token_grant(svc: AuthService, params: dict[str, str], proof: Proof, 
     if now >= token.expires:
         raise InvalidGrant("The refresh token has expired")
     if token.used is None:
-        successor = svc.new_refresh_token(grant.grant_id, token.jkt, token.scope, now)
+        successor = svc.mint_refresh_token()
         with svc.store.transaction():
             if svc.store.mark_rotated(token_hash, now, svc.hash_refresh(successor), svc.seal_successor(successor)):
                 svc.store.add_refresh_token(svc.refresh_row(successor, grant.grant_id, token.jkt, token.scope, now))

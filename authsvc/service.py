@@ -110,8 +110,12 @@ class AuthService:
         return RefreshToken(self.hash_refresh(token), grant_id, jkt, scope, now, now + self.settings.refresh_ttl,
                             None, None, None)
 
+    @staticmethod
+    def mint_refresh_token() -> str:
+        return secrets.token_urlsafe(32)  # 256 bits of randomness
+
     def new_refresh_token(self, grant_id: str, jkt: str, scope: str, now: float) -> str:
-        token = secrets.token_urlsafe(32)  # 256 bits
+        token = self.mint_refresh_token()
         self.store.add_refresh_token(self.refresh_row(token, grant_id, jkt, scope, now))
         return token
 

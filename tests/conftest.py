@@ -1,0 +1,117 @@
+"""Fixtures: a real data dir, a real server (broker + HTTP) on ephemeral loopback ports, a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authsvc.clock import FakeClock
+from authsvc.config import Settings, load_settings
+from authsvc.datadir import init_data_dir
+from authsvc.runtime import Running, running
+
+ADMIN_PASSWORD = "correct horse battery staple"
+DEVICES = {
+    "thermo-1": ("write:temperature device:power", "Living-room thermostat"),
+    "panel-1": ("read:temperature control:power", "Hall wall panel"),
+    "lamp-1": ("device:power", "Desk lamp"),
+    "lamp-2": ("device:power", "Bedside lamp"),
+}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(start=float(int(time.time())))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> Settings:
+    monkeypatch.setenv("IOTAUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
+    monkeypatch.delenv("IOTAUTH_MASTER_KEY", raising=False)
+    monkeypatch.delenv("IOTAUTH_ACCESS_TOKEN_TTL", raising=False)
+    s = load_settings(tmp_path / "data").with_ports(mqtt_port=0, http_port=0)
+    init_data_dir(s, force=False, now=clock.now())
+    return s
+
+
+class ServerThread:
+    """`running()` in its own event loop thread, as `iotauth serve` would run it."""
+
+    def __init__(self, settings: Settings, clock: FakeClock) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.run: Running | None = None
+        self.error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        try:
+            async with running(self.settings, self.clock) as run:
+                self.run = run
+                self.ready.set()
+                await self._stop.wait()
+        except BaseException as exc:  # surfaced to the test
+            self.error = exc
+            self.ready.set()
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        assert self.ready.wait(15), "server did not start"
+        if self.error:
+            raise self.error
+        return self
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run fn in the server's loop thread (the service's SQLite connection belongs to it)."""
+        async def wrapper() -> Any:
+            return fn(*args, **kwargs)
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
+
+    @property
+    def service(self) -> Any:
+        assert self.run is not None
+        return self.run.service
+
+    @property
+    def mqtt_port(self) -> int:
+        assert self.run is not None
+        return self.run.mqtt_port
+
+    @property
+    def http_url(self) -> str:
+        assert self.run is not None
+        return f"http://127.0.0.1:{self.run.http_port}"
+
+    def register(self, client_id: str, scope: str, name: str | None = None) -> None:
+        self.call(self.service.register_client, client_id, scope, name, self.clock.now())
+
+    def approve(self, user_code: str, user: str = "admin", approve: bool = True) -> Any:
+        return self.call(self.service.decide, user_code, user, approve, self.clock.now())
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(15)
+
+
+@pytest.fixture
+def server(settings: Settings, clock: FakeClock) -> Iterator[ServerThread]:
+    srv = ServerThread(settings, clock).start()
+    for client_id, (scope, name) in DEVICES.items():
+        srv.register(client_id, scope, name)
+    yield srv
+    srv.stop()
