@@ -20,7 +20,7 @@ from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
@@ -217,7 +217,17 @@ async def start_broker(service: AuthService, clock: Clock, host: str, port: int)
     gate = Gate(broker, service, clock)
     plugin.attach(gate)
     broker.gate = gate  # type: ignore[attr-defined]
-    await broker.start()
+    amqtt_log = logging.getLogger("amqtt.broker")
+    level = amqtt_log.level
+    amqtt_log.setLevel(logging.CRITICAL)  # a failed bind is reported below in one line, not as a traceback
+    try:
+        await broker.start()
+    except BrokerError as exc:
+        cause = exc.__cause__
+        reason = str(cause or exc).rsplit(": ", 1)[-1]  # asyncio's "error while attempting to bind ...: <why>"
+        raise OSError(f"cannot listen for MQTT on {host}:{port}: {reason}") from None
+    finally:
+        amqtt_log.setLevel(level)
     gate.start()
     return broker, gate
 
