@@ -9,6 +9,12 @@ that ties it to the authorization service: request hand-off, forced disconnects,
   (a second run would see its own proof as a replay).
 - `retain_message`: a device's publish never becomes a retained message under the protocol prefix.
 - `_publish_retained_messages_for_subscription`: retained messages obey the RECEIVE check (flaw 2).
+- `stream_connected`: every socket reads through `PacketLimitReader`, so a packet over the maximum size
+  closes its connection before its body is buffered (no maximum exists in stock amqtt, flaw 3).
+- `KeepAliveHandler`: a session silent for 1.5 x its keep-alive is closed (stock amqtt only logs it);
+  a bootstrap session asking for keep-alive 0 gets the bootstrap default instead.
+- `_handle_message_delivery`: a client PUBLISH to a `$` topic is dropped and logged; stock amqtt
+  leaves the session half-dead.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from typing import Any
 
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
@@ -35,6 +43,62 @@ log = logging.getLogger("iotauth.broker")
 
 SWEEP_SECONDS = 0.2
 ADMITTED = "iotauth.admitted"
+BOOTSTRAP_KEEPALIVE = 60  # seconds, for a bootstrap session that asks for none
+
+
+class PacketTooLarge(Exception):
+    """A client sent a packet larger than the broker's maximum packet size."""
+
+
+class PacketLimitReader(ReaderAdapter):
+    """Reads one whole MQTT packet at a time from the socket, refusing any larger than `limit` bytes."""
+
+    def __init__(self, inner: ReaderAdapter, limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+        self._buffer = bytearray()
+
+    async def _next_packet(self) -> None:
+        head = bytearray(await self._inner.read(1))
+        remaining, multiplier = 0, 1
+        for _ in range(4):
+            byte = (await self._inner.read(1))[0]
+            head.append(byte)
+            remaining += (byte & 0x7F) * multiplier
+            multiplier *= 128
+            if not byte & 0x80:
+                break
+        if len(head) + remaining > self._limit:
+            raise PacketTooLarge(f"{len(head) + remaining} byte packet exceeds the {self._limit} byte maximum")
+        body = await self._inner.read(remaining) if remaining else b""
+        self._buffer = head + body
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._buffer:
+            await self._next_packet()
+        n = len(self._buffer) if n < 0 else n
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+
+class KeepAliveHandler(BrokerProtocolHandler):
+    """Closes the connection when the client has been silent for longer than the read timeout."""
+
+    def handle_read_timeout(self) -> None:
+        log.warning("closing %r: silent for longer than 1.5 x its keep-alive",
+                    self.session.client_id if self.session else None)
+        asyncio.ensure_future(self.handle_connection_closed())
+
+
+def read_timeout(keep_alive: int, bootstrap: bool) -> int:
+    """MQTT 3.1.1 3.1.2.10: the server closes a connection silent for 1.5 x the keep-alive."""
+    if keep_alive <= 0:
+        keep_alive = BOOTSTRAP_KEEPALIVE if bootstrap else 0
+    return math.ceil(keep_alive * 1.5)
 
 
 def broker_config(host: str, port: int) -> dict[str, Any]:
@@ -47,18 +111,34 @@ def broker_config(host: str, port: int) -> dict[str, Any]:
 
 class HardenedBroker(Broker):
     connect_timeout: float = 10.0
+    max_packet_size: int = 65536
+
+    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               listener_name: str) -> None:
+        limited = PacketLimitReader(StreamReaderAdapter(reader), self.max_packet_size)
+        await self._client_connected(listener_name, limited, StreamWriterAdapter(writer))
+
+    async def _handle_message_delivery(self, client_session: Session, handler: BrokerProtocolHandler,
+                                       wait_deliver: asyncio.Future[Any]) -> bool:
+        message = wait_deliver.result()
+        if message is not None and isinstance(message.topic, str) and message.topic.startswith("$"):
+            log.warning("dropped a PUBLISH from %r to %r: clients never publish to $ topics",
+                        client_session.client_id, message.topic[:120])
+            metrics.ACL_DENIED.labels(action="publish").inc()
+            return True
+        return await super()._handle_message_delivery(client_session, handler, wait_deliver)
 
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
                                          remote_port: int) -> tuple[BrokerProtocolHandler, Session]:
         try:
             handler, session = await asyncio.wait_for(
-                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager), self.connect_timeout)
+                KeepAliveHandler.init_from_connect(reader, writer, self.plugins_manager), self.connect_timeout)
         except asyncio.TimeoutError:
             log.warning("no CONNECT from %s:%s within %.0f s; closing", remote_address, remote_port,
                         self.connect_timeout)
             await writer.close()
             raise AMQTTError("CONNECT timeout") from None
-        except (AMQTTError, MQTTError, NoDataError) as exc:
+        except (AMQTTError, MQTTError, NoDataError, PacketTooLarge) as exc:
             log.warning("bad first packet from %s:%s: %s", remote_address, remote_port, exc)
             await writer.close()
             raise AMQTTError(exc) from exc
@@ -69,6 +149,8 @@ class HardenedBroker(Broker):
             await writer.close()
             raise MQTTError(f"CONNECT refused with return code {code}")
         session.attributes[ADMITTED] = True
+        meta = info(session)
+        session.keep_alive = read_timeout(session.keep_alive, bootstrap=meta is not None and meta.kind == "bootstrap")
 
         if session.clean_session:
             if session.client_id:
@@ -212,6 +294,7 @@ class Gate:
 async def start_broker(service: AuthService, clock: Clock, host: str, port: int) -> tuple[HardenedBroker, Gate]:
     broker = HardenedBroker(broker_config(host, port))
     broker.connect_timeout = service.settings.connect_timeout
+    broker.max_packet_size = service.settings.max_packet_size
     plugin = broker.plugins_manager.get_plugin("IotAuthPlugin")
     assert isinstance(plugin, IotAuthPlugin)
     gate = Gate(broker, service, clock)

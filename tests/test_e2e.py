@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import httpx
@@ -170,3 +171,17 @@ def test_session_closed_at_token_expiry_and_command_never_arrives(server):
     server.clock.advance(901)
     p.publish("home/thermo-1/power/set", b"on")
     assert t.received("home/thermo-1/power/set") == []
+
+
+def test_no_secret_reaches_the_log(server, caplog):
+    caplog.set_level(logging.DEBUG, logger="iotauth")
+    thermo, tokens = paired(server, "thermo-1")
+    at = tokens["access_token"]
+    thermo.session(at, password=at)  # refused: the log says why, without the token
+    new = thermo.refresh(tokens["refresh_token"])
+    thermo.refresh(tokens["refresh_token"] + "x")
+    secrets_seen = [at, at.split(".")[2], tokens["refresh_token"], new["refresh_token"], new["access_token"]]
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "CONNECT refused" in text and "issued tokens" in text
+    for secret in secrets_seen:
+        assert secret not in text

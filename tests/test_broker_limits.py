@@ -1,0 +1,103 @@
+"""Protocol section 6 limits at the real broker: CONNECT timeout, keep-alive, packet size, `$` topics."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+
+from tests.conftest import DEVICES, ServerThread
+from tests.wire import Device, Mqtt
+
+
+def connect_packet(client_id: str, keep_alive: int) -> bytes:
+    cid = client_id.encode()
+    variable = b"\x00\x04MQTT\x04\x02" + struct.pack("!H", keep_alive)
+    payload = struct.pack("!H", len(cid)) + cid
+    return bytes([0x10, len(variable) + len(payload)]) + variable + payload
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed the socket, or None if it stayed open."""
+    start = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except socket.timeout:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def quick_server(settings, clock):
+    (settings.data_dir / "iotauth.toml").write_text("[mqtt]\nconnect_timeout = 1\n")
+    from authsvc.config import load_settings
+
+    srv = ServerThread(load_settings(settings.data_dir).with_ports(mqtt_port=0, http_port=0), clock).start()
+    for client_id, (scope, name) in DEVICES.items():
+        srv.register(client_id, scope, name)
+    yield srv
+    srv.stop()
+
+
+def test_socket_without_connect_is_closed_after_the_connect_timeout(quick_server):
+    with socket.create_connection(("127.0.0.1", quick_server.mqtt_port)) as sock:
+        elapsed = closed_within(sock, 5)
+    assert elapsed is not None and elapsed >= 0.9
+
+
+def test_silent_client_is_closed_after_one_and_a_half_keep_alives(server):
+    with socket.create_connection(("127.0.0.1", server.mqtt_port)) as sock:
+        sock.sendall(connect_packet("silent1", keep_alive=1))
+        assert sock.recv(4) == b"\x20\x02\x00\x00"  # CONNACK accepted
+        elapsed = closed_within(sock, 5)
+    assert elapsed is not None and 1.0 <= elapsed < 4
+
+
+def test_client_that_pings_stays_connected(server):
+    with socket.create_connection(("127.0.0.1", server.mqtt_port)) as sock:
+        sock.sendall(connect_packet("pinger1", keep_alive=1))
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        for _ in range(4):
+            time.sleep(0.5)
+            sock.sendall(b"\xc0\x00")  # PINGREQ
+            assert sock.recv(2) == b"\xd0\x00"  # PINGRESP
+
+
+def test_packet_over_64_kib_closes_the_connection(server):
+    m = Mqtt(server.mqtt_port, "bigsender")
+    assert m.connect() == 0
+    m.client.publish("oauth/v1/token", b"x" * (70 * 1024), qos=0)
+    assert m.disconnected.wait(5)
+    m.client.loop_stop()
+
+
+def test_request_over_16_kib_is_dropped_and_the_session_keeps_working(server):
+    dev = Device(server.mqtt_port, "thermo-1", server.clock)
+    big = '{"reply_to": "%s", "client_id": "thermo-1", "pad": "%s"}' % (dev.reply_to, "x" * 17000)
+    assert dev.raw_request("device_authorization", big, timeout=1.0) is None
+    assert not dev.boot.disconnected.is_set()
+    assert "user_code" in dev.request("device_authorization")
+
+
+def paired_session(server, client_id):
+    dev = Device(server.mqtt_port, client_id, server.clock)
+    auth = dev.authorize()
+    server.approve(auth["user_code"])
+    return dev, dev.session(dev.poll(auth["device_code"])["access_token"])
+
+
+def test_publish_to_a_dollar_topic_is_dropped_and_the_session_keeps_working(server):
+    _, thermo = paired_session(server, "thermo-1")
+    _, panel = paired_session(server, "panel-1")
+    assert panel.subscribe("home/+/temperature") == [1]
+    thermo.publish("$SYS/broker/uptime", b"0")
+    thermo.publish("home/thermo-1/temperature", b'{"celsius": 20}')
+    assert panel.wait_message("home/thermo-1/temperature") == [b'{"celsius": 20}']
+    assert not thermo.disconnected.is_set()
+    assert panel.subscribe("$SYS/#", "#") == [0x80, 0x80]
