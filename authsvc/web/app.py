@@ -1,16 +1,27 @@
-"""The HTTP side: RFC 8414 metadata, JWKS, health, metrics, and the activate pages (web/activate.py)."""
+"""The HTTP side: RFC 8414 metadata, JWKS, health, metrics, the activate pages (web/activate.py) and admin."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from authsvc import metrics
 from authsvc.clock import Clock
 from authsvc.service import AuthService
+from authsvc.web import activate, admin
+from authsvc.web.headers import SecurityHeaders
+from authsvc.web.pages import Web
+
+MAX_BODY_BYTES = 16 * 1024
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 def metadata_document(service: AuthService) -> dict[str, object]:
@@ -48,10 +59,16 @@ def create_app(service: AuthService, clock: Clock) -> Starlette:
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    routes = [
+    web = Web.create(service, clock)
+    routes: list[BaseRoute] = [
         Route("/.well-known/oauth-authorization-server", metadata),
         Route("/.well-known/jwks.json", jwks),
         Route("/health", health),
         Route("/metrics", prometheus),
+        *activate.routes(web),
+        *admin.routes(web),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    return Starlette(routes=routes)
+    # SecurityHeaders outermost, so the 413 of an oversized body carries them too
+    middleware = [Middleware(SecurityHeaders), Middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)]
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=web.exception_handlers())
