@@ -78,6 +78,7 @@ from device_sim.roles import (
     READ_TEMPERATURE,
     WRITE_TEMPERATURE,
     Thermometer,
+    check_client_id,
     decode_payload,
     parse_power_command,
     power_set_topic,
@@ -93,7 +94,6 @@ DEFAULT_AUDIENCE = "mqtt://localhost:1883"
 REFRESH_RETRY = 10.0  # seconds between refresh attempts after a timeout
 MAX_WAIT_SLICE = 1.0  # the serve loop looks at the (possibly injected) clock at least this often
 
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 section 3.3
 _TRANSIENT = (RequestTimeout, TimeoutError, OSError)
 
@@ -125,8 +125,7 @@ class Device:
         keepalive: int = 30,
         thermometer: Thermometer | None = None,
     ) -> None:
-        if not _CLIENT_ID.fullmatch(client_id):
-            raise ValueError(f"client_id {client_id!r}: 1-64 characters of [A-Za-z0-9._-]")
+        check_client_id(client_id)
         if not scope.split() or not all(_SCOPE_TOKEN.fullmatch(s) for s in scope.split()):
             raise ValueError(f"scope {scope!r}: one or more space-separated scope tokens")
         if interval <= 0:
@@ -160,6 +159,7 @@ class Device:
         self._idle = threading.Event()
         self._idle.set()
         self._runner: threading.Thread | None = None
+        self._in_callback = threading.local()
 
     # -- observation ------------------------------------------------------------
     @property
@@ -208,10 +208,13 @@ class Device:
         log.debug("%s: %s %s", self.client_id, name, data)
         if self._on_event is None:
             return
+        self._in_callback.active = True
         try:
             self._on_event(DeviceEvent(name, data))
         except Exception:
             log.exception("on_event callback failed for %s", name)
+        finally:
+            self._in_callback.active = False
 
     # -- state ------------------------------------------------------------------
     def load(self) -> None:
@@ -633,8 +636,9 @@ class Device:
         for requester in (self._auth_requester, self._boot_requester):
             if requester is not None:
                 requester.fail_all(DeviceStopped())
-        runner = self._runner
-        if runner is threading.current_thread():
+        if self._runner is threading.current_thread():
             return  # run() cleans up on its way out
-        if not self._idle.wait(timeout) or self._runner is None:
-            self._shutdown()
+        if not getattr(self._in_callback, "active", False):  # on paho's thread, waiting would deadlock
+            self._idle.wait(timeout)
+        if self._idle.is_set():
+            self._shutdown()  # idempotent; covers steps driven without run()

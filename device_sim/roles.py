@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from typing import Any
 
 WRITE_TEMPERATURE = "write:temperature"
 READ_TEMPERATURE = "read:temperature"
 DEVICE_POWER = "device:power"
 ALL_TEMPERATURES = "home/+/temperature"
+
+# Protocol section 1: identities are substituted into topics, so nothing else gets in.
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_client_id(client_id: str) -> None:
+    if not CLIENT_ID_PATTERN.fullmatch(client_id):
+        raise ValueError(f"client_id {client_id!r}: 1-64 characters of [A-Za-z0-9._-]")
 
 
 def temperature_topic(client_id: str) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import binascii
 import json
 import os
-import re
 import secrets
 import stat
 import tempfile
@@ -33,6 +32,7 @@ from joserfc.util import urlsafe_b64decode
 
 from device_sim.errors import StateError
 from device_sim.proofs import b64url
+from device_sim.roles import check_client_id
 
 KEY_ENV = "IOTAUTH_DEVICE_KEY"
 DIR_ENV = "IOTAUTH_DEVICE_DIR"
@@ -42,7 +42,6 @@ ASSOCIATED_DATA = f"{FORMAT}/v{VERSION}".encode("ascii")
 KEY_BYTES = 32
 NONCE_BYTES = 12
 
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass
@@ -86,8 +85,7 @@ def b64url_decode(text: str) -> bytes:
 
 def default_state_path(client_id: str, env: Mapping[str, str] | None = None) -> Path:
     """``$IOTAUTH_DEVICE_DIR/<client_id>.state``, else ``~/.local/share/iotauth-device/``."""
-    if not _CLIENT_ID.fullmatch(client_id):
-        raise ValueError(f"client_id {client_id!r}: 1-64 characters of [A-Za-z0-9._-]")
+    check_client_id(client_id)
     env = os.environ if env is None else env
     base = env.get(DIR_ENV) or str(Path.home() / ".local" / "share" / "iotauth-device")
     return Path(base) / f"{client_id}.state"

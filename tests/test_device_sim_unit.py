@@ -626,6 +626,24 @@ def test_device_refuses_identities_outside_the_protocol_alphabet(client_id: str)
         Device(client_id, "write:temperature")
 
 
+def test_stop_from_an_event_callback_ends_run_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
+    service = FakeService(["authorization_pending"] * 5)
+    recorder = EventRecorder()
+    device = Device("thermo-1", "write:temperature", on_event=recorder)
+    requester = Requester(service.publish, new_reply_topic(), on_nonce=device._remember_nonce)
+    service.requester = requester
+    monkeypatch.setattr(device, "_requester", lambda: requester)
+
+    def on_event(event: DeviceEvent) -> None:
+        recorder(event)
+        if event.name == events.CODE_SHOWN:
+            device.stop()
+    device._on_event = on_event
+    device.run()  # returns at once: the 5 s wait before the first poll sees the stop
+    assert recorder.names()[-2:] == [events.CODE_SHOWN, events.STOPPED]
+    assert recorder.events[-1].data == {"error": None}
+
+
 def test_stop_without_run_is_harmless() -> None:
     device = Device("thermo-1", "write:temperature")
     device.stop()
