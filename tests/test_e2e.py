@@ -185,3 +185,23 @@ def test_no_secret_reaches_the_log(server, caplog):
     assert "CONNECT refused" in text and "issued tokens" in text
     for secret in secrets_seen:
         assert secret not in text
+
+
+def test_device_paired_through_the_http_form_gets_tokens_and_connects(server):
+    from tests.test_web import Visitor
+
+    dev = Device(server.mqtt_port, "lamp-1", server.clock)
+    auth = dev.authorize()
+    assert dev.poll(auth["device_code"])["error"] == "authorization_pending"
+    person = Visitor(server.http_url)
+    person.get(auth["verification_uri_complete"].replace("localhost", "127.0.0.1"))
+    assert person.sign_in(next_url=f"/activate?user_code={auth['user_code']}").status_code == 303
+    consent = person.enter(auth["user_code"])
+    assert "Desk lamp" in consent.text and "lamp-1" in consent.text
+    assert "Receive power on/off commands for itself" in consent.text
+    assert person.decide(auth["user_code"], "approve").status_code == 200
+    server.clock.advance(5)
+    tokens = dev.poll(auth["device_code"])
+    assert tokens["scope"] == "device:power"
+    assert dev.session(tokens["access_token"]).connack == 0
+    person.http.close()
