@@ -510,9 +510,9 @@ class Device:
             raise
         finally:
             self._shutdown()
-            self._runner = None
-            self._idle.set()
             self._emit(ev.STOPPED, error=str(failure) if failure else None)
+            self._runner = None
+            self._idle.set()  # last: stop() returns once ``stopped`` has been reported
 
     def _run_rounds(self, once: bool) -> None:
         refusals = 0
