@@ -104,8 +104,8 @@ class Device:
     """One simulated device. Use :meth:`run` (blocking) or :meth:`start` (thread) and :meth:`stop`.
 
     The steps are public too (:meth:`pair`, :meth:`refresh`, :meth:`connect`,
-    :meth:`publish_reading`, :meth:`set_power`, :meth:`revoke`, :meth:`disconnect`)
-    for tests that drive the flow one step at a time.
+    :meth:`publish_reading`, :meth:`set_power`, :meth:`send_power_command`,
+    :meth:`revoke`, :meth:`disconnect`) for tests that drive the flow one step at a time.
     """
 
     def __init__(
@@ -470,6 +470,13 @@ class Device:
         self._publish_json(power_state_topic(self.client_id), {"power": self._power, "ts": int(self.now())},
                            wait)
 
+    def send_power_command(self, target_client_id: str, state: str) -> None:
+        """As a panel with ``control:power``: publish ``{"power": state}`` to home/<target>/power/set."""
+        check_client_id(target_client_id)
+        if state not in ("on", "off"):
+            raise ValueError("power state must be 'on' or 'off'")
+        self._publish_json(power_set_topic(target_client_id), {"power": state}, wait=self.request_timeout)
+
     def set_power(self, state: str) -> None:
         """Switch power ``on``/``off``, emit ``power`` and report the state when connected."""
         if state not in ("on", "off"):
@@ -518,6 +525,8 @@ class Device:
         refusals = 0
         attempt = 0
         while not self._stop.is_set():
+            if self._auth is not None and self._auth.lost.is_set():
+                self._tokens = None  # the broker closed the session: revoked or expired, perhaps; refresh
             try:
                 self._ensure_tokens()
                 self.connect()
@@ -538,8 +547,7 @@ class Device:
             if once:
                 self._act_once()
                 return
-            if self._serve() == "lost":
-                self._tokens = None  # revoked or expired, perhaps: refresh before reconnecting
+            self._serve()
 
     def _ensure_tokens(self) -> None:
         tokens = self._tokens
@@ -561,7 +569,7 @@ class Device:
         self.disconnect("once")
 
     def _serve(self) -> str:
-        """Act out the role until the session needs replacing: ``refreshed``, ``lost`` or ``grant_lost``."""
+        """Act out the role until the session must be replaced: ``refreshed``, ``lost`` or ``grant_lost``."""
         session = self._auth
         tokens = self._tokens
         assert session is not None and tokens is not None

@@ -6,6 +6,8 @@
   ``{"power": "on"}``) and report ``{"power": "on", "ts": ...}`` on
   ``home/<client_id>/power/state``.
 - ``read:temperature``: receive ``home/+/temperature``.
+- ``control:power``: (on request) publish ``{"power": "on"}`` to
+  ``home/<other client_id>/power/set``.
 """
 
 from __future__ import annotations

@@ -644,6 +644,12 @@ def test_stop_from_an_event_callback_ends_run_cleanly(monkeypatch: pytest.Monkey
     assert recorder.events[-1].data == {"error": None}
 
 
+@pytest.mark.parametrize(("target", "state"), [("+", "on"), ("lamp-1/#", "on"), ("lamp-1", "toggle")])
+def test_power_commands_only_go_to_a_valid_device_and_state(target: str, state: str) -> None:
+    with pytest.raises(ValueError):
+        Device("panel-1", "control:power").send_power_command(target, state)
+
+
 def test_stop_without_run_is_harmless() -> None:
     device = Device("thermo-1", "write:temperature")
     device.stop()
