@@ -290,7 +290,7 @@ class AuthService:
     # -- CONNECT (protocol section 6), called by the broker plugin ---------------------------
     def authorize_connect(self, client_id: str, username: str | None, password: str, now: float) -> ConnectedDevice:
         if not valid_identity(client_id):
-            raise ConnectRefused(f"ClientId {client_id[:80]!r} is not a valid client_id", code=2)
+            raise ConnectRefused(f"ClientId {client_id[:80]!r} is not a valid client_id")
         if username != client_id:
             raise ConnectRefused("username differs from ClientId")
         token, sep, proof = password.partition(" ")

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("iotauth.broker")
 
 ATTR = "iotauth"  # session.attributes namespace
+# amqtt replaces an empty ClientId by "amqtt/<random>" before plugins run (MQTT-3.1.3-6 lets the server assign one)
+GENERATED_ID_PREFIX = "amqtt/"
 
 
 @dataclass
@@ -67,7 +69,7 @@ class IotAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):
         client_id = session.client_id or ""
         prefix = gate.service.settings.prefix
         if session.password is None:
-            if client_id and not valid_identity(client_id):
+            if not valid_identity(client_id) and not client_id.startswith(GENERATED_ID_PREFIX):
                 raise ConnectRefused(f"ClientId {client_id[:80]!r} is not allowed", code=2)
             if session.will_flag:
                 raise ConnectRefused("a bootstrap session may not set a Will")

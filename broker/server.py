@@ -32,6 +32,7 @@ from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from authsvc import metrics
 from authsvc.clock import Clock
@@ -43,6 +44,7 @@ log = logging.getLogger("iotauth.broker")
 
 SWEEP_SECONDS = 0.2
 ADMITTED = "iotauth.admitted"
+HANDLER = "iotauth.handler"  # the connection's protocol handler, so the Gate can close exactly that connection
 BOOTSTRAP_KEEPALIVE = 60  # seconds, for a bootstrap session that asks for none
 
 
@@ -152,11 +154,16 @@ class HardenedBroker(Broker):
         meta = info(session)
         session.keep_alive = read_timeout(session.keep_alive, bootstrap=meta is not None and meta.kind == "bootstrap")
 
+        previous = self._sessions.get(session.client_id or "")
+        if previous is not None and previous[0].transitions.is_connected():
+            # MQTT-3.1.4-2: the previous connection of this ClientId is closed. Stock amqtt keeps it open
+            # when the new CONNECT has clean session set, and that connection would outlive a revocation.
+            log.info("ClientId %r connected again: closing its previous connection", session.client_id)
+            await previous[1].handle_connection_closed()
         if session.clean_session:
             if session.client_id:
                 await self._delete_session(session.client_id)
             else:
-                from amqtt.utils import gen_client_id
                 session.client_id = gen_client_id()
             session.parent = 0
         elif session.client_id in self._sessions:
@@ -168,6 +175,7 @@ class HardenedBroker(Broker):
             session.parent = 1
         else:
             session.parent = 0
+        session.attributes[HANDLER] = handler
         return handler, session
 
     async def _admit(self, session: Session) -> int:
@@ -282,13 +290,13 @@ class Gate:
 
     async def disconnect(self, session: Session, reason: str) -> None:
         self._devices.pop(id(session), None)
-        entry = self.broker.sessions.get(session.client_id or "")
-        if entry is None or entry[0] is not session:
+        handler = session.attributes.get(HANDLER)
+        if handler is None:
             return
         session.will_flag = False  # no Will when the server closes the session (protocol section 7)
         log.warning("closing session of %s: token %s", session.client_id, reason)
         metrics.DISCONNECTS.labels(reason=reason).inc()
-        await entry[1].handle_connection_closed()
+        await handler.handle_connection_closed()
 
 
 async def start_broker(service: AuthService, clock: Clock, host: str, port: int) -> tuple[HardenedBroker, Gate]:

@@ -101,3 +101,37 @@ def test_publish_to_a_dollar_topic_is_dropped_and_the_session_keeps_working(serv
     assert panel.wait_message("home/thermo-1/temperature") == [b'{"celsius": 20}']
     assert not thermo.disconnected.is_set()
     assert panel.subscribe("$SYS/#", "#") == [0x80, 0x80]
+
+
+def test_a_second_connect_with_the_same_client_id_closes_the_first_and_revocation_reaches_both(server):
+    thermo = Device(server.mqtt_port, "thermo-1", server.clock)
+    auth = thermo.authorize()
+    server.approve(auth["user_code"])
+    tokens = thermo.poll(auth["device_code"])
+    first = thermo.session(tokens["access_token"])
+    second = thermo.session(tokens["access_token"])
+    assert (first.connack, second.connack) == (0, 0)
+    assert first.disconnected.wait(2), "the first connection outlived the takeover (MQTT-3.1.4-2)"
+    server.call(server.service.revoke_client, "thermo-1", server.clock.now())
+    assert second.disconnected.wait(2)
+
+
+def test_bootstrap_with_an_empty_client_id_is_assigned_one(server):
+    with socket.create_connection(("127.0.0.1", server.mqtt_port)) as sock:
+        sock.sendall(connect_packet("", keep_alive=30))
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+
+
+@pytest.mark.parametrize("client_id", ["a/b", "+", "#", "l\u00e4mp", "$sys"])
+def test_bootstrap_with_an_unsafe_client_id_gets_connack_2(server, client_id):
+    with socket.create_connection(("127.0.0.1", server.mqtt_port)) as sock:
+        sock.sendall(connect_packet(client_id, keep_alive=30))
+        assert sock.recv(4) == b"\x20\x02\x00\x02"
+
+
+def test_authenticated_connect_with_an_unsafe_client_id_gets_connack_5(server):
+    thermo = Device(server.mqtt_port, "thermo-1", server.clock)
+    auth = thermo.authorize()
+    server.approve(auth["user_code"])
+    tokens = thermo.poll(auth["device_code"])
+    assert thermo.session(tokens["access_token"], client_id="a/thermo-1").connack == 5

@@ -342,7 +342,8 @@ def test_bodies_over_16_kib_get_413(server: ServerThread, visitor: Visitor) -> N
 
 def test_the_json_endpoints_still_work(server: ServerThread, visitor: Visitor) -> None:
     metadata = visitor.http.get("/.well-known/oauth-authorization-server").json()
-    assert metadata["device_authorization_endpoint"].endswith("/activate")
+    assert metadata["mqtt_device_authorization_topic"] == "oauth/v1/device_authorization"
+    assert "device_authorization_endpoint" not in metadata  # /activate is the user's page, not an endpoint
     jwks = visitor.http.get("/.well-known/jwks.json")
     assert jwks.status_code == 200 and jwks.headers["cache-control"] == "max-age=300"
     assert visitor.http.get("/health").json()["status"] == "ok"

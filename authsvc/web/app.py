@@ -29,7 +29,6 @@ def metadata_document(service: AuthService) -> dict[str, object]:
     return {
         "issuer": s.issuer,
         "jwks_uri": f"{s.issuer}/.well-known/jwks.json",
-        "device_authorization_endpoint": f"{s.issuer}/activate",
         "grant_types_supported": ["urn:ietf:params:oauth:grant-type:device_code", "refresh_token"],
         "token_endpoint_auth_methods_supported": ["none"],
         "scopes_supported": sorted(s.scopes),
