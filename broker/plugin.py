@@ -95,7 +95,10 @@ class IotAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):
             allowed = False
         if not allowed:
             metrics.ACL_DENIED.labels(action=str(action)).inc()
-            log.info("ACL denied %s %r for %r", action, topic, session.client_id if session else None)
+            client_id = session.client_id if session else None
+            log.info("ACL denied %s %r for %r", action, topic, client_id)
+            if self.gate is not None:
+                self.gate.acl_denied(client_id, str(action), topic or "")
         return allowed
 
     def _topic_allowed(self, session: Session | None, topic: str | None, action: Action | None) -> bool:

@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter
@@ -230,7 +231,12 @@ class Gate:
         self._wake = asyncio.Event()
         self._last_revocation = service.store.last_revocation_id()
         self._task: asyncio.Task[None] | None = None
+        self.on_acl_denied: list[Callable[[str | None, str, str], None]] = []  # (client_id, action, topic)
         service.on_revocation.append(self._wake.set)
+
+    def acl_denied(self, client_id: str | None, action: str, topic: str) -> None:
+        for observer in self.on_acl_denied:
+            observer(client_id, action, topic)
 
     async def publish(self, topic: str, data: bytes) -> None:
         await self.broker.internal_message_broadcast(topic, data, 1)

@@ -452,6 +452,10 @@ class Device:
             self._emit(ev.DISCONNECTED, reason=reason)
 
     # -- role actions -----------------------------------------------------------
+    def publish_json(self, topic: str, payload: dict[str, Any], wait: float | None = None) -> None:
+        """Publish a JSON object on the authenticated session (QoS 1); the broker decides whether it is allowed."""
+        self._publish_json(topic, payload, wait)
+
     def _publish_json(self, topic: str, payload: dict[str, Any], wait: float | None = None) -> None:
         session = self._auth
         if session is None or not session.connected:
