@@ -42,7 +42,7 @@ def _bind_http(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror}") from None
+        raise OSError(f"cannot listen for HTTP on {host}:{port}: {(exc.strerror or str(exc)).lower()}") from None
     sock.listen(128)
     sock.setblocking(False)
     return sock

@@ -152,26 +152,18 @@ def test_serve_with_bad_config_is_one_line(tmp_path):
     assert result.output.strip() == f"error: {data / 'iotauth.toml'}: tokens.access_ttl = 3600 exceeds the 900 s maximum"
 
 
-def test_serve_on_a_busy_port_is_one_line(tmp_path):
+@pytest.mark.parametrize(("listener", "busy_option", "other_option"), [
+    ("HTTP", "--http-port", "--mqtt-port"),
+    ("MQTT", "--mqtt-port", "--http-port"),
+])
+def test_serve_on_a_busy_port_is_one_line(tmp_path, listener, busy_option, other_option):
     data = tmp_path / "data"
     assert iotauth("init", data_dir=data, env={"IOTAUTH_ADMIN_PASSWORD": "pw"}).exit_code == 0
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = iotauth("serve", "--http-port", str(port), "--mqtt-port", "0", data_dir=data)
-    assert result.exit_code == 1
-    assert result.output.strip().startswith(f"error: cannot listen for HTTP on 127.0.0.1:{port}")
-
-
-def test_serve_on_a_busy_mqtt_port_is_one_line(tmp_path):
-    data = tmp_path / "data"
-    assert iotauth("init", data_dir=data, env={"IOTAUTH_ADMIN_PASSWORD": "pw"}).exit_code == 0
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        result = iotauth("serve", "--mqtt-port", str(port), "--http-port", "0", data_dir=data)
+        result = iotauth("serve", busy_option, str(port), other_option, "0", data_dir=data)
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"error: cannot listen for MQTT on 127.0.0.1:{port}: address already in use"]
+        f"error: cannot listen for {listener} on 127.0.0.1:{port}: address already in use"]
