@@ -100,7 +100,7 @@ async def _maintain(service: AuthService, clock: Clock) -> None:
             log.exception("maintenance failed")
 
 
-async def serve(settings: Settings, *, on_ready: object = None) -> None:
+async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -108,7 +108,5 @@ async def serve(settings: Settings, *, on_ready: object = None) -> None:
     async with running(settings) as run:
         log.info("MQTT on %s:%d, HTTP on http://%s:%d (issuer %s)", settings.mqtt_host, run.mqtt_port,
                  settings.http_host, run.http_port, run.service.settings.issuer)
-        if callable(on_ready):
-            on_ready(run)
         await stop.wait()
         log.info("stopping")

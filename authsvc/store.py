@@ -8,7 +8,6 @@ WAL mode and a busy timeout let `iotauth approve` write while `serve` runs.
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -325,7 +324,3 @@ class Store:
             "live_grants": q("SELECT COUNT(*) FROM grants WHERE revoked IS NULL").fetchone()[0],
             "pending_codes": q("SELECT COUNT(*) FROM device_codes WHERE status = 'pending'").fetchone()[0],
         }
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
