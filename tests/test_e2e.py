@@ -205,3 +205,25 @@ def test_device_paired_through_the_http_form_gets_tokens_and_connects(server):
     assert tokens["scope"] == "device:power"
     assert dev.session(tokens["access_token"]).connack == 0
     person.http.close()
+
+
+def test_will_rules_follow_the_token_scopes(server):
+    thermo, tokens = paired(server, "thermo-1")
+    at = tokens["access_token"]
+    assert thermo.session(at, will=("home/panel-1/temperature", b"gone")).connack == 5  # not in its scopes
+    boot_with_will = Mqtt(server.mqtt_port, "bootwill", will=("oauth/v1/token", b"x"))
+    assert boot_with_will.connect() == 5  # a bootstrap session may not set a Will
+    assert thermo.session(at, will=("home/thermo-1/temperature", b'{"celsius": null}')).connack == 0
+
+
+def test_no_will_when_the_server_closes_a_revoked_session(server):
+    thermo, t_tokens = paired(server, "thermo-1")
+    panel, p_tokens = paired(server, "panel-1")
+    p = panel.session(p_tokens["access_token"])
+    p.subscribe("home/+/temperature")
+    t = thermo.session(t_tokens["access_token"], will=("home/thermo-1/temperature", b"will"))
+    t.publish("home/thermo-1/temperature", b"alive")
+    assert p.wait_message("home/thermo-1/temperature") == [b"alive"]
+    server.call(server.service.revoke_client, "thermo-1", server.clock.now())
+    assert t.disconnected.wait(2)
+    assert p.wait_for(lambda: b"will" in p.received("home/thermo-1/temperature"), timeout=1.0) is False
