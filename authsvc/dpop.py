@@ -64,7 +64,7 @@ def split_proof(proof: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         header = json.loads(b64u_decode(parts[0]))
         claims = json.loads(b64u_decode(parts[1]))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deeply nested JSON
         raise InvalidDPoPProof("The DPoP proof is not well-formed") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise InvalidDPoPProof("The DPoP proof is not well-formed")
@@ -105,12 +105,19 @@ def check_signature(proof: str, key: ECKey | OKPKey, alg: str) -> None:
         raise InvalidDPoPProof("The DPoP proof signature does not verify") from None
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float, e.g. 10**400
+        return False
+
+
 def check_claim_types(claims: dict[str, Any]) -> None:
     jti = claims.get("jti")
     if not isinstance(jti, str) or not 1 <= len(jti) <= MAX_JTI_CHARS:
         raise InvalidDPoPProof(f"The DPoP proof jti must be a string of 1-{MAX_JTI_CHARS} characters")
     iat = claims.get("iat")
-    if isinstance(iat, bool) or not isinstance(iat, (int, float)) or not math.isfinite(iat):
+    if isinstance(iat, bool) or not isinstance(iat, (int, float)) or not _finite(iat):
         raise InvalidDPoPProof("The DPoP proof iat must be a number")
     if "nonce" in claims and not isinstance(claims["nonce"], str):
         raise InvalidDPoPProof("The DPoP proof nonce must be a string")

@@ -1,0 +1,485 @@
+"""DPoP proofs (RFC 9449 section 4.3 checklist, protocol.md section 4), one scenario per checklist item.
+
+Each case runs the real verifier of a real service (`open_service` on a fresh data dir) with `now`
+passed in, and asserts the exact wire error code (`error`), or "accepted".
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import itertools
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from joserfc import jws
+from joserfc.jwk import ECKey, RSAKey
+
+from authsvc.config import Settings, load_settings
+from authsvc.datadir import init_data_dir, open_service
+from authsvc.dpop import NonceIssuer, ath_of, jwk_thumbprint
+from authsvc.errors import InvalidDPoPProof, OAuthError
+from authsvc.grants import DEVICE_CODE_GRANT
+from authsvc.service import AuthService, ConnectRefused
+
+TOKEN_TOPIC = "oauth/v1/token"
+AUDIENCE = "mqtt://localhost:1883"
+KEY = ECKey.generate_key("P-256", private=True)
+OTHER = ECKey.generate_key("P-256", private=True)
+P384 = ECKey.generate_key("P-384", private=True)
+RSA = RSAKey.generate_key(2048, private=True)
+ACCESS_TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"  # ath only hashes it
+
+
+ENV = ("IOTAUTH_MASTER_KEY", "IOTAUTH_ACCESS_TOKEN_TTL", "IOTAUTH_ADMIN_PASSWORD", "IOTAUTH_DATA_DIR")
+
+
+@pytest.fixture(scope="module")
+def initialised(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real `iotauth init` per module (its argon2 hash costs ~0.2 s); each test gets a copy."""
+    root = tmp_path_factory.mktemp("init")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ENV:
+            mp.delenv(name, raising=False)
+        init_data_dir(load_settings(root / "data"), force=False, now=time.time())
+    return root
+
+
+@pytest.fixture
+def settings(initialised: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Overrides conftest's `settings` with the same contract: a real initialised data dir of this test's own
+    (database and master key file copied from the module's), on free ports."""
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    shutil.copytree(initialised, tmp_path / "copy")
+    return load_settings(tmp_path / "copy" / "data").with_ports(mqtt_port=0, http_port=0)
+
+
+def b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64json(value: Any) -> str:
+    return b64u(json.dumps(value).encode())
+
+
+def es256(key: ECKey, signing_input: str) -> str:
+    der = key.private_key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    r, s = decode_dss_signature(der)
+    return b64u(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+
+
+def forge(now: float, *, key: ECKey = KEY, signer: Callable[[str], str] | None = None, htm: str = "PUBLISH",
+          htu: str = TOKEN_TOPIC, header: dict[str, Any] | None = None, claims: dict[str, Any] | None = None,
+          drop: tuple[str, ...] = ()) -> str:
+    """A proof built by hand: the defaults make a valid one; `header`/`claims` override, `drop` removes."""
+    h: dict[str, Any] = {"typ": "dpop+jwt", "alg": "ES256", "jwk": key.as_dict(private=False)}
+    h |= header or {}
+    c: dict[str, Any] = {"jti": uuid.uuid4().hex, "iat": int(now), "htm": htm, "htu": htu} | (claims or {})
+    for name in drop:
+        h.pop(name, None)
+        c.pop(name, None)
+    signing_input = f"{b64json(h)}.{b64json(c)}"
+    return f"{signing_input}.{signer(signing_input) if signer else es256(key, signing_input)}"
+
+
+def outcome(fn: Callable[[], Any]) -> str:
+    """'accepted', or the wire `error` of the refusal."""
+    try:
+        fn()
+    except OAuthError as exc:
+        return exc.to_wire()["error"]
+    return "accepted"
+
+
+@pytest.fixture
+def svc(settings: Any) -> Any:
+    service = open_service(settings)
+    yield service
+    service.store.close()
+
+
+@pytest.fixture(scope="module")
+def shared(initialised: Path) -> Any:
+    """One real service for the stateless tables, on the module's data dir."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ENV:
+            mp.delenv(name, raising=False)
+        service = open_service(load_settings(initialised / "data").with_ports(mqtt_port=0, http_port=0))
+    yield service
+    service.store.close()
+
+
+def request_path(svc: AuthService, proof: Any, now: float) -> str:
+    return outcome(lambda: svc.dpop.verify(proof, htm="PUBLISH", htu=TOKEN_TOPIC, now=now))
+
+
+def hs256_with(secret: bytes) -> Callable[[str], str]:
+    return lambda si: b64u(hmac.new(secret, si.encode(), hashlib.sha256).digest())
+
+
+def rs256_proof(now: float) -> str:
+    header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": RSA.as_dict(private=False)}
+    claims = {"jti": uuid.uuid4().hex, "iat": int(now), "htm": "PUBLISH", "htu": TOKEN_TOPIC}
+    return jws.serialize_compact(header, json.dumps(claims).encode(), RSA, algorithms=["RS256"])
+
+
+def tampered(now: float) -> str:
+    head, _, sig = forge(now).split(".")
+    body = b64json({"jti": uuid.uuid4().hex, "iat": int(now), "htm": "PUBLISH", "htu": "oauth/v1/revoke"})
+    return f"{head}.{body}.{sig}"
+
+
+# (case id, proof builder (svc, now) -> proof, wire outcome); each row breaks exactly one checklist item
+REQUEST_CASES: list[Any] = [
+    ("valid proof", lambda s, n: forge(n), "accepted"),
+    # 4.3 (1)-(2): one well-formed JWT
+    ("not a JWT", lambda s, n: "not-a-jwt", "invalid_dpop_proof"),
+    ("two dot-separated parts", lambda s, n: "e30.e30", "invalid_dpop_proof"),
+    ("empty string", lambda s, n: "", "invalid_dpop_proof"),
+    ("a number instead of a string", lambda s, n: 42, "invalid_dpop_proof"),
+    ("a JSON object instead of a string", lambda s, n: {"typ": "dpop+jwt"}, "invalid_dpop_proof"),
+    ("JWE-shaped five parts", lambda s, n: "a.b.c.d.e", "invalid_dpop_proof"),
+    ("header not base64 JSON", lambda s, n: "%%%." + forge(n).split(".", 1)[1], "invalid_dpop_proof"),
+    ("header a JSON array", lambda s, n: b64json([1]) + "." + forge(n).split(".", 1)[1],
+     "invalid_dpop_proof"),
+    ("header nested 1400 deep", lambda s, n: b64u(b"[" * 1400 + b"]" * 1400) + ".e30.AAAA",
+     "invalid_dpop_proof"),
+    ("over 4 KiB", lambda s, n: forge(n, claims={"pad": "x" * 4100}), "invalid_dpop_proof"),
+    ("two proofs as a JSON list", lambda s, n: [forge(n), forge(n)], "invalid_dpop_proof"),
+    ("two proofs joined by a comma", lambda s, n: forge(n) + "," + forge(n), "invalid_dpop_proof"),
+    ("two proofs joined by a space", lambda s, n: forge(n) + " " + forge(n), "invalid_dpop_proof"),
+    # 4.3 (4): typ
+    ("typ missing", lambda s, n: forge(n, drop=("typ",)), "invalid_dpop_proof"),
+    ("typ JWT", lambda s, n: forge(n, header={"typ": "JWT"}), "invalid_dpop_proof"),
+    ("typ at+jwt", lambda s, n: forge(n, header={"typ": "at+jwt"}), "invalid_dpop_proof"),
+    # 4.3 (5): asymmetric, allow-listed alg
+    ("alg none, no signature", lambda s, n: forge(n, header={"alg": "none"}, signer=lambda si: ""),
+     "invalid_dpop_proof"),
+    ("alg NONE", lambda s, n: forge(n, header={"alg": "NONE"}, signer=lambda si: ""), "invalid_dpop_proof"),
+    ("alg HS256 keyed with the jwk's x", lambda s, n: forge(
+        n, header={"alg": "HS256"}, signer=hs256_with(KEY.as_dict(private=False)["x"].encode())),
+     "invalid_dpop_proof"),
+    ("alg RS256 not configured", lambda s, n: rs256_proof(n), "invalid_dpop_proof"),
+    ("alg missing", lambda s, n: forge(n, drop=("alg",)), "invalid_dpop_proof"),
+    ("alg ES256 with a P-384 jwk", lambda s, n: forge(n, header={"jwk": P384.as_dict(private=False)}),
+     "invalid_dpop_proof"),
+    ("alg ES256 with an RSA jwk", lambda s, n: forge(n, header={"jwk": RSA.as_dict(private=False)}),
+     "invalid_dpop_proof"),
+    # 4.3 (6)-(7): public jwk in the header, signature by that key
+    ("jwk missing", lambda s, n: forge(n, drop=("jwk",)), "invalid_dpop_proof"),
+    ("jwk a string", lambda s, n: forge(n, header={"jwk": "KEY"}), "invalid_dpop_proof"),
+    ("jwk with private member d", lambda s, n: forge(n, header={"jwk": KEY.as_dict(private=True)}),
+     "invalid_dpop_proof"),
+    ("jwk point not on the curve", lambda s, n: forge(
+        n, header={"jwk": KEY.as_dict(private=False) | {"y": OTHER.as_dict(private=False)["y"]}}),
+     "invalid_dpop_proof"),
+    ("signed by another key than the header jwk", lambda s, n: forge(
+        n, header={"jwk": OTHER.as_dict(private=False)}), "invalid_dpop_proof"),
+    ("claims altered after signing", lambda s, n: tampered(n), "invalid_dpop_proof"),
+    # 4.3 (3): required claims and their types
+    ("jti missing", lambda s, n: forge(n, drop=("jti",)), "invalid_dpop_proof"),
+    ("jti empty", lambda s, n: forge(n, claims={"jti": ""}), "invalid_dpop_proof"),
+    ("jti of 65 characters", lambda s, n: forge(n, claims={"jti": "j" * 65}), "invalid_dpop_proof"),
+    ("jti of 64 characters", lambda s, n: forge(n, claims={"jti": uuid.uuid4().hex * 2}), "accepted"),
+    ("jti a number", lambda s, n: forge(n, claims={"jti": 12345}), "invalid_dpop_proof"),
+    ("iat missing", lambda s, n: forge(n, drop=("iat",)), "invalid_dpop_proof"),
+    ("iat true", lambda s, n: forge(n, claims={"iat": True}), "invalid_dpop_proof"),
+    ("iat numeric string", lambda s, n: forge(n, claims={"iat": str(int(n))}), "invalid_dpop_proof"),
+    ("iat NaN", lambda s, n: forge(n, claims={"iat": float("nan")}), "invalid_dpop_proof"),
+    ("iat integer too large for a float", lambda s, n: forge(n, claims={"iat": 10**400}),
+     "invalid_dpop_proof"),
+    ("nonce a number", lambda s, n: forge(n, claims={"nonce": 7}), "invalid_dpop_proof"),
+    # 4.3 (8)-(9): htm and htu
+    ("htm missing", lambda s, n: forge(n, drop=("htm",)), "invalid_dpop_proof"),
+    ("htm POST", lambda s, n: forge(n, htm="POST"), "invalid_dpop_proof"),
+    ("htm CONNECT on a request", lambda s, n: forge(n, htm="CONNECT"), "invalid_dpop_proof"),
+    ("htm lower case", lambda s, n: forge(n, htm="publish"), "invalid_dpop_proof"),
+    ("htu missing", lambda s, n: forge(n, drop=("htu",)), "invalid_dpop_proof"),
+    ("htu another request topic", lambda s, n: forge(n, htu="oauth/v1/device_authorization"),
+     "invalid_dpop_proof"),
+    ("htu with a trailing slash", lambda s, n: forge(n, htu=TOKEN_TOPIC + "/"), "invalid_dpop_proof"),
+    ("htu as a URL", lambda s, n: forge(n, htu=f"{AUDIENCE}/{TOKEN_TOPIC}"), "invalid_dpop_proof"),
+    # 4.3 (12): ath only with an access token
+    ("ath present without an access token", lambda s, n: forge(n, claims={"ath": ath_of(ACCESS_TOKEN)}),
+     "invalid_dpop_proof"),
+    # 4.3 (10)-(11): iat window, or a server nonce whatever the iat
+    ("iat 60 s old", lambda s, n: forge(n - 60), "accepted"),
+    ("iat 60 s ahead", lambda s, n: forge(n + 60), "accepted"),
+    ("iat 61 s old", lambda s, n: forge(n - 61), "use_dpop_nonce"),
+    ("iat 61 s ahead", lambda s, n: forge(n + 61), "use_dpop_nonce"),
+    ("iat 61 s old with the server nonce", lambda s, n: forge(n - 61, claims={"nonce": s.current_nonce(n)}),
+     "accepted"),
+    ("iat 61 s ahead with the server nonce", lambda s, n: forge(n + 61, claims={"nonce": s.current_nonce(n)}),
+     "accepted"),
+    ("iat a day old with the server nonce",
+     lambda s, n: forge(n - 86400, claims={"nonce": s.current_nonce(n)}), "accepted"),
+    ("made-up nonce with a fresh iat", lambda s, n: forge(n, claims={"nonce": b64u(b"\0" * 24)}),
+     "use_dpop_nonce"),
+    ("made-up nonce with a stale iat", lambda s, n: forge(n - 600, claims={"nonce": "abc"}),
+     "use_dpop_nonce"),
+    ("empty nonce", lambda s, n: forge(n, claims={"nonce": ""}), "use_dpop_nonce"),
+    ("nonce of another server", lambda s, n: forge(n, claims={"nonce": nonce_of_another_server(n)}),
+     "use_dpop_nonce"),
+]
+
+
+def nonce_of_another_server(now: float) -> str:
+    return NonceIssuer(b"another server's secret", 300).current(now)
+
+
+@pytest.mark.parametrize("build, expected", [pytest.param(b, e, id=i) for i, b, e in REQUEST_CASES])
+def test_request_proof_outcome(shared, build, expected):
+    now = float(int(time.time()))
+    assert request_path(shared, build(shared, now), now) == expected
+
+
+CONNECT_CASES: list[Any] = [
+    ("ath of the presented token", lambda n: forge(n, htm="CONNECT", htu=AUDIENCE,
+                                                   claims={"ath": ath_of(ACCESS_TOKEN)}), "accepted"),
+    ("ath missing", lambda n: forge(n, htm="CONNECT", htu=AUDIENCE), "invalid_dpop_proof"),
+    ("ath of another token", lambda n: forge(n, htm="CONNECT", htu=AUDIENCE,
+                                             claims={"ath": ath_of(ACCESS_TOKEN + "x")}),
+     "invalid_dpop_proof"),
+    ("ath not base64url-encoded", lambda n: forge(
+        n, htm="CONNECT", htu=AUDIENCE, claims={"ath": hashlib.sha256(ACCESS_TOKEN.encode()).hexdigest()}),
+     "invalid_dpop_proof"),
+    ("ath a list", lambda n: forge(n, htm="CONNECT", htu=AUDIENCE, claims={"ath": [ath_of(ACCESS_TOKEN)]}),
+     "invalid_dpop_proof"),
+    ("htm PUBLISH at CONNECT", lambda n: forge(n, htm="PUBLISH", htu=AUDIENCE,
+                                               claims={"ath": ath_of(ACCESS_TOKEN)}), "invalid_dpop_proof"),
+    ("htu the broker's address instead of its audience", lambda n: forge(
+        n, htm="CONNECT", htu="mqtt://127.0.0.1:1883", claims={"ath": ath_of(ACCESS_TOKEN)}),
+     "invalid_dpop_proof"),
+]
+
+
+@pytest.mark.parametrize("build, expected", [pytest.param(b, e, id=i) for i, b, e in CONNECT_CASES])
+def test_connect_proof_outcome(shared, build, expected):
+    now = float(int(time.time()))
+    got = outcome(lambda: shared.dpop.verify(build(now), htm="CONNECT", htu=AUDIENCE, now=now,
+                                          access_token=ACCESS_TOKEN))
+    assert got == expected
+
+
+# -- D3: replay ---------------------------------------------------------------------------------------
+
+def test_the_same_proof_twice_is_refused_the_second_time(svc, clock):
+    now = clock.now()
+    proof = forge(now)
+    assert request_path(svc, proof, now) == "accepted"
+    assert request_path(svc, proof, now) == "invalid_dpop_proof"
+    assert request_path(svc, proof, now + 30) == "invalid_dpop_proof"
+
+
+def test_a_new_proof_reusing_a_jti_of_the_same_key_is_refused(svc, clock):
+    now = clock.now()
+    assert request_path(svc, forge(now, claims={"jti": "fixed-jti"}), now) == "accepted"
+    assert request_path(svc, forge(now + 1, claims={"jti": "fixed-jti"}), now + 1) == "invalid_dpop_proof"
+    # the memory is per key: another device may pick the same jti
+    assert request_path(svc, forge(now + 1, key=OTHER, claims={"jti": "fixed-jti"}), now + 1) == "accepted"
+
+
+def test_a_refused_proof_does_not_burn_its_jti(svc, clock):
+    now = clock.now()
+    assert request_path(svc, forge(now - 120, claims={"jti": "retry-me"}), now) == "use_dpop_nonce"
+    assert request_path(svc, forge(now, claims={"jti": "retry-me", "nonce": svc.current_nonce(now)}), now) \
+        == "accepted"
+
+
+# -- server nonces: current and previous fixed 5-minute steps ------------------------------------------
+
+def step_start(svc: AuthService, now: float) -> float:
+    step = svc.settings.nonce_step
+    return (now // step + 1) * step  # the first second of the next step
+
+
+@pytest.mark.parametrize("seconds_later, expected", [
+    pytest.param(0, "accepted", id="same step, first second"),
+    pytest.param(299, "accepted", id="same step, last second"),
+    pytest.param(300, "accepted", id="previous-step nonce, first second of the next step"),
+    pytest.param(599, "accepted", id="previous-step nonce, last second"),
+    pytest.param(600, "use_dpop_nonce", id="nonce two steps old"),
+    pytest.param(3600, "use_dpop_nonce", id="nonce an hour old"),
+])
+def test_nonce_is_valid_for_its_step_and_the_next(shared, seconds_later, expected):
+    issued = step_start(shared, time.time())
+    nonce = shared.current_nonce(issued)
+    now = issued + seconds_later
+    assert request_path(shared, forge(issued, claims={"nonce": nonce}), now) == expected
+
+
+def test_the_current_nonce_changes_each_step_and_differs_between_services(svc, clock):
+    issued = step_start(svc, clock.now())
+    assert svc.current_nonce(issued) == svc.current_nonce(issued + 299)
+    assert svc.current_nonce(issued) != svc.current_nonce(issued + 300)
+    assert svc.current_nonce(issued) != nonce_of_another_server(issued)
+
+
+def test_a_proof_accepted_with_a_nonce_at_the_edge_cannot_be_replayed_while_the_nonce_lives(svc, clock):
+    issued = step_start(svc, clock.now())
+    proof = forge(issued, claims={"nonce": svc.current_nonce(issued)})
+    assert request_path(svc, proof, issued) == "accepted"
+    # the nonce still validates at issued + 599: only the jti memory stands between this and a replay
+    assert svc.dpop.nonces.is_valid(svc.current_nonce(issued), issued + 599)
+    assert request_path(svc, proof, issued + 599) == "invalid_dpop_proof"
+    assert request_path(svc, proof, issued + 600) == "use_dpop_nonce"
+
+
+def test_a_proof_accepted_by_its_iat_at_the_edge_cannot_be_replayed(svc, clock):
+    now = clock.now()
+    proof = forge(now + 60)  # accepted 60 s before its iat, acceptable until 60 s after
+    assert request_path(svc, proof, now) == "accepted"
+    assert request_path(svc, proof, now + 120) == "invalid_dpop_proof"
+    assert request_path(svc, proof, now + 121) == "use_dpop_nonce"
+
+
+def test_jti_memory_refuses_new_proofs_at_capacity_and_recovers(svc, clock):
+    now = clock.now()
+    svc.dpop.jtis.capacity = 3
+    first = forge(now)
+    assert [request_path(svc, p, now) for p in (first, forge(now), forge(now))] == ["accepted"] * 3
+    assert request_path(svc, forge(now), now) == "temporarily_unavailable"
+    assert request_path(svc, first, now) == "invalid_dpop_proof"  # a replay is still a replay when full
+    later = now + svc.dpop.jtis.retention
+    assert request_path(svc, forge(later), later) == "accepted"  # expired entries make room
+    assert len(svc.dpop.jtis) == 1
+
+
+def test_jti_memory_keeps_entries_at_least_ten_minutes(svc):
+    assert svc.dpop.jtis.retention >= 600
+    assert svc.dpop.jtis.retention >= 2 * svc.settings.nonce_step
+
+
+# -- one jti memory for the broker (CONNECT) and the service (requests) --------------------------------
+
+def paired(svc: AuthService, now: float, key: ECKey = KEY) -> dict[str, Any]:
+    svc.register_client("lamp-1", "device:power", "Desk lamp", now)
+    auth = svc.handle("device_authorization", {"client_id": "lamp-1"}, now)
+    svc.decide(auth["user_code"], "alice", True, now)
+    return svc.handle("token", {"grant_type": DEVICE_CODE_GRANT, "device_code": auth["device_code"],
+                                "client_id": "lamp-1", "dpop": forge(now, key=key)}, now)
+
+
+def connect(svc: AuthService, token: str, now: float, jti: str) -> str:
+    proof = forge(now, htm="CONNECT", htu=svc.settings.audience, claims={"jti": jti, "ath": ath_of(token)})
+    try:
+        svc.authorize_connect("lamp-1", "lamp-1", f"{token} {proof}", now)
+    except ConnectRefused as exc:
+        return f"refused {exc.code}: {exc}"
+    return "accepted"
+
+
+def test_jti_used_on_a_request_is_refused_at_connect(svc, clock):
+    now = clock.now()
+    token = paired(svc, now)["access_token"]
+    assert request_path(svc, forge(now, claims={"jti": "shared-1"}), now) == "accepted"
+    assert connect(svc, token, now, "shared-1") == "refused 5: CONNECT proof refused: " \
+        "The DPoP proof has been used before (jti replay)"
+    assert connect(svc, token, now, "shared-2") == "accepted"
+
+
+def test_jti_used_at_connect_is_refused_on_a_request(svc, clock):
+    now = clock.now()
+    token = paired(svc, now)["access_token"]
+    assert connect(svc, token, now, "shared-3") == "accepted"
+    assert request_path(svc, forge(now, claims={"jti": "shared-3"}), now) == "invalid_dpop_proof"
+
+
+@pytest.mark.parametrize("password, reason", [
+    pytest.param(lambda t, n: t, "password lacks the DPoP proof", id="token alone as password (D1)"),
+    pytest.param(lambda t, n: f"{t} ", "password lacks the DPoP proof", id="token and an empty proof"),
+    pytest.param(lambda t, n: f"{t} {forge(n, htm='CONNECT', htu=AUDIENCE)}", "ath does not match",
+                 id="proof without ath"),
+    pytest.param(lambda t, n: f"{t} {forge(n, htm='CONNECT', htu=AUDIENCE, claims={'ath': ath_of(t[:-1])})}",
+                 "ath does not match", id="proof with the ath of another token"),
+    pytest.param(lambda t, n: t + " " + forge(n, key=OTHER, htm="CONNECT", htu=AUDIENCE,
+                                              claims={"ath": ath_of(t)}),
+                 "proof key is not the token's cnf.jkt", id="proof signed by another key"),
+    pytest.param(lambda t, n: f"{t} {forge(n - 61, htm='CONNECT', htu=AUDIENCE, claims={'ath': ath_of(t)})}",
+                 "outside the acceptance window", id="stale proof without nonce"),
+])
+def test_connect_refused_with_a_bound_token_and_a_bad_proof(svc, clock, password, reason):
+    now = clock.now()
+    token = paired(svc, now)["access_token"]
+    with pytest.raises(ConnectRefused, match=reason) as exc:
+        svc.authorize_connect("lamp-1", "lamp-1", password(token, now), now)
+    assert exc.value.code == 5
+
+
+# -- D4, D5: test vectors -------------------------------------------------------------------------------
+
+RFC7638_RSA = {  # RFC 7638 section 3.1 (the RFC 7517 A.1 key), with alg and kid present
+    "kty": "RSA",
+    "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPeb"
+         "WKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMi"
+         "cAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3X"
+         "PksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
+    "e": "AQAB",
+    "alg": "RS256",
+    "kid": "2011-04-29",
+}
+RFC9449_EC = {"kty": "EC", "x": "l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs",
+              "y": "9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA", "crv": "P-256"}
+RFC9449_JKT = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+
+
+def test_rfc7638_rsa_thumbprint_ignores_alg_and_kid():
+    assert jwk_thumbprint(RFC7638_RSA) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(RFC9449_EC))[::5], ids=lambda o: ",".join(o))
+@pytest.mark.parametrize("extra", [{}, {"kid": "k1"}, {"use": "sig", "kid": "k1", "alg": "ES256"}],
+                         ids=["bare", "kid", "kid use alg"])
+def test_rfc9449_ec_thumbprint_whatever_member_order_and_extras(order, extra):
+    jwk = {name: RFC9449_EC[name] for name in order} | extra
+    assert jwk_thumbprint(jwk) == RFC9449_JKT
+
+
+def test_proof_key_thumbprint_is_the_rfc7638_thumbprint_even_with_extra_jwk_members(svc, clock):
+    now = clock.now()
+    jwk = {"use": "sig", "kid": "device-key"} | KEY.as_dict(private=False)
+    proof = svc.dpop.verify(forge(now, header={"jwk": jwk}), htm="PUBLISH", htu=TOKEN_TOPIC, now=now)
+    assert proof.jkt == KEY.thumbprint() == jwk_thumbprint(KEY.as_dict(private=False))
+
+
+@pytest.mark.parametrize("jwk", [
+    pytest.param({"kty": "EC", "crv": "P-256", "x": RFC9449_EC["x"]}, id="EC without y"),
+    pytest.param({"kty": "RSA", "n": "AQAB"}, id="RSA without e"),
+    pytest.param({"kty": "oct", "k": "c2VjcmV0"}, id="symmetric key"),
+    pytest.param(RFC9449_EC | {"x": 5}, id="x a number"),
+])
+def test_thumbprint_of_an_incomplete_jwk_is_refused(jwk):
+    with pytest.raises(InvalidDPoPProof):
+        jwk_thumbprint(jwk)
+
+
+def test_rfc9449_ath_vector():
+    token = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"
+    assert ath_of(token) == "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
+
+
+# -- through the service: the proof is checked on every endpoint that carries one ----------------------
+
+@pytest.mark.parametrize("endpoint, params", [
+    pytest.param("device_authorization", {}, id="device_authorization"),
+    pytest.param("token", {"grant_type": "refresh_token", "refresh_token": "x"}, id="token"),
+    pytest.param("revoke", {"token": "x"}, id="revoke"),
+])
+def test_every_endpoint_refuses_a_proof_for_another_topic(svc, clock, endpoint, params):
+    now = clock.now()
+    svc.register_client("lamp-1", "device:power", None, now)
+    wrong = "oauth/v1/revoke" if endpoint != "revoke" else TOKEN_TOPIC
+    with pytest.raises(OAuthError) as exc:
+        svc.handle(endpoint, {"client_id": "lamp-1", "dpop": forge(now, htu=wrong), **params}, now)
+    assert exc.value.to_wire()["error"] == "invalid_dpop_proof"
