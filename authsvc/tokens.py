@@ -62,7 +62,7 @@ def _parts(token: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     head, body, _ = token.split(".")
     try:
         header, claims = json.loads(b64u_decode(head)), json.loads(b64u_decode(body))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deeply nested JSON
         raise TokenError("not well-formed") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise TokenError("not well-formed")
