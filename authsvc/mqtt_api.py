@@ -49,7 +49,7 @@ class MqttApi:
             raise Dropped(f"{len(payload)} bytes exceeds the {self.service.settings.max_request_size} byte limit")
         try:
             body = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
             raise Dropped("payload is not UTF-8 JSON") from None
         if not isinstance(body, dict):
             raise Dropped("payload is not a JSON object")
