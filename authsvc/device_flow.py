@@ -31,8 +31,10 @@ def new_user_code() -> str:
 
 def normalize_user_code(entered: str) -> str | None:
     """Entry ignores case, spaces and dashes; anything else that is not exactly a user code finds nothing."""
+    if not entered.isascii():  # before upper(): "\ufb00" and "\u017f" would fold to ASCII letters
+        return None
     code = "".join(ch for ch in entered if ch not in " -\t").upper()
-    if len(code) != 6 or not code.isascii():
+    if len(code) != 6:
         return None
     letters, digits = code[:3], code[3:]
     if all(c in USER_CODE_LETTERS for c in letters) and all(c in USER_CODE_DIGITS for c in digits):

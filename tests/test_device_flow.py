@@ -1,0 +1,383 @@
+"""The device flow (RFC 8628, protocol.md sections 3 and 5): user codes, polling, and the order of checks.
+
+A real AuthService on a real SQLite file; time is the fake clock's, passed in.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from joserfc.jwk import ECKey
+
+from authsvc import device_flow
+from authsvc.config import Settings, load_settings
+from authsvc.datadir import init_data_dir, open_service
+from authsvc.errors import ExpiredUserCode, OAuthError, UnknownUserCode, UsedUserCode
+from authsvc.grants import DEVICE_CODE_GRANT
+from authsvc.service import AuthService
+from tests.wire import decode_jwt, make_proof
+
+KEY = ECKey.generate_key("P-256", private=True)
+OTHER = ECKey.generate_key("P-256", private=True)
+USER_CODE = re.compile(r"[ABCDEFGHJKLMNPQRSTUVWXYZ]{3}[2-9]{3}")  # no I, O, 0, 1
+
+
+ENV = ("IOTAUTH_MASTER_KEY", "IOTAUTH_ACCESS_TOKEN_TTL", "IOTAUTH_ADMIN_PASSWORD", "IOTAUTH_DATA_DIR")
+
+
+@pytest.fixture(scope="module")
+def initialised(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real `iotauth init` per module (its argon2 hash costs ~0.2 s); each test gets a copy."""
+    root = tmp_path_factory.mktemp("init")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ENV:
+            mp.delenv(name, raising=False)
+        init_data_dir(load_settings(root / "data"), force=False, now=time.time())
+    return root
+
+
+@pytest.fixture
+def settings(initialised: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Overrides conftest's `settings` with the same contract: a real initialised data dir of this test's own
+    (database and master key file copied from the module's), on free ports."""
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    shutil.copytree(initialised, tmp_path / "copy")
+    return load_settings(tmp_path / "copy" / "data").with_ports(mqtt_port=0, http_port=0)
+
+
+@pytest.fixture
+def svc(settings: Any, clock: Any) -> Any:
+    service = open_service(settings)
+    for client_id in ("lamp-1", "lamp-2"):
+        service.register_client(client_id, "device:power", None, clock.now())
+    service.register_client("thermo-1", "write:temperature device:power", None, clock.now())
+    yield service
+    service.store.close()
+
+
+def call(svc: AuthService, endpoint: str, params: dict[str, Any], now: float) -> dict[str, Any]:
+    try:
+        return svc.handle(endpoint, params, now)
+    except OAuthError as exc:
+        return exc.to_wire()
+
+
+def outcome(reply: dict[str, Any]) -> str:
+    return reply.get("error") or ("tokens" if reply.get("token_type") == "DPoP" else repr(reply))
+
+
+def proof(key: ECKey, now: float, endpoint: str = "token", **kw: Any) -> str:
+    return make_proof(key, "PUBLISH", f"oauth/v1/{endpoint}", iat=now, **kw)
+
+
+def authorize(svc: AuthService, now: float, client_id: str = "lamp-1",
+              key: ECKey | None = KEY) -> dict[str, Any]:
+    params: dict[str, Any] = {"client_id": client_id}
+    if key is not None:
+        params["dpop"] = proof(key, now, "device_authorization")
+    return svc.handle("device_authorization", params, now)
+
+
+def poll(svc: AuthService, device_code: str, now: float, /, client_id: str = "lamp-1", key: ECKey = KEY,
+         **overrides: Any) -> dict[str, Any]:
+    params = {"grant_type": DEVICE_CODE_GRANT, "device_code": device_code, "client_id": client_id,
+              "dpop": proof(key, now)} | overrides
+    return call(svc, "token", {k: v for k, v in params.items() if v is not DROP}, now)
+
+
+DROP = object()
+
+
+def code_state(svc: AuthService, device_code: str) -> tuple[Any, ...]:
+    row = svc.store.device_code(svc.hash_device_code(device_code))
+    assert row is not None
+    return row.status, row.interval, row.last_poll, row.sub
+
+
+# -- the device authorization response ----------------------------------------------------------------
+
+def test_device_authorization_returns_rfc8628_fields_and_protocol_values(svc, clock):
+    reply = authorize(svc, clock.now())
+    assert re.fullmatch(r"[A-Za-z0-9]{64}", reply["device_code"])
+    assert USER_CODE.fullmatch(reply["user_code"])
+    assert reply["verification_uri"] == svc.settings.issuer + "/activate"
+    assert reply["verification_uri_complete"] == f"{reply['verification_uri']}?user_code={reply['user_code']}"
+    assert (reply["expires_in"], reply["interval"]) == (600, 5)
+
+
+def test_user_codes_use_letters_then_digits_without_look_alikes(svc, clock):
+    codes = [device_flow.new_user_code() for _ in range(600)]
+    codes += [authorize(svc, clock.now())["user_code"] for _ in range(20)]
+    bad = [c for c in codes if not USER_CODE.fullmatch(c)]
+    assert bad == []
+    assert set("".join(c[:3] for c in codes)) == set("ABCDEFGHJKLMNPQRSTUVWXYZ")  # the whole alphabet is used
+    device_codes = {authorize(svc, clock.now())["device_code"] for _ in range(20)}
+    assert len(device_codes) == 20
+
+
+@pytest.mark.parametrize("params, expected", [
+    pytest.param({"client_id": "nobody"}, "invalid_client", id="unknown client"),
+    pytest.param({"client_id": "lamp/1"}, "invalid_client", id="client id with a slash"),
+    pytest.param({"client_id": "#"}, "invalid_client", id="client id #"),
+    pytest.param({}, "invalid_request", id="client_id missing"),
+    pytest.param({"client_id": ["lamp-1"]}, "invalid_request", id="client_id a list"),
+    pytest.param({"client_id": "lamp-1", "scope": 5}, "invalid_request", id="scope a number"),
+    pytest.param({"client_id": "lamp-1", "scope": "control:power"}, "invalid_scope",
+                 id="scope not registered"),
+    pytest.param({"client_id": "lamp-1", "scope": " "}, "invalid_scope", id="scope blank"),
+    pytest.param({"client_id": "lamp-1", "dpop": "x.y.z"}, "invalid_dpop_proof", id="broken proof"),
+    pytest.param({"client_id": "lamp-1", "dpop": None}, "invalid_dpop_proof", id="proof null"),
+])
+def test_device_authorization_refusals(svc, clock, params, expected):
+    assert call(svc, "device_authorization", params, clock.now()).get("error") == expected
+
+
+def test_requested_scope_is_kept_and_defaults_to_the_registered_scope(svc, clock):
+    now = clock.now()
+    narrow = svc.handle("device_authorization", {"client_id": "thermo-1", "scope": "device:power"}, now)
+    full = svc.handle("device_authorization", {"client_id": "thermo-1"}, now)
+    assert svc.pending_request(narrow["user_code"], now).scopes[0][0] == "device:power"
+    assert [s for s, _ in svc.pending_request(full["user_code"], now).scopes] == ["write:temperature",
+                                                                                 "device:power"]
+
+
+# -- F2: user code entry ignores case, spaces and dashes, and nothing else -------------------------------
+
+@pytest.fixture
+def code_abc234(svc: AuthService, clock: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(device_flow, "new_user_code", lambda: "ABC234")
+    authorize(svc, clock.now())
+    return "ABC234"
+
+
+@pytest.mark.parametrize("entered", ["ABC234", "abc234", "ABC-234", "abc-234", " abc 234 ", "a-b-c-2-3-4",
+                                     "\tAbC 234\t"])
+def test_user_code_entry_finds_the_grant(svc, clock, code_abc234, entered):
+    assert svc.pending_request(entered, clock.now()).user_code == "ABC234"
+
+
+@pytest.mark.parametrize("entered", ["ABC23", "ABC2345", "XABC234", "BC234", "ABC_234", "ABC.234", "ABC234\n",
+                                     "", "ＡＢＣ２３４", "ABC%32%33%34", "ABC2*", "%"])
+def test_user_code_entry_finds_nothing_else(svc, clock, code_abc234, entered):
+    with pytest.raises(UnknownUserCode):
+        svc.pending_request(entered, clock.now())
+
+
+def test_user_code_entry_does_not_fold_unicode_into_a_code(svc, clock, monkeypatch):
+    monkeypatch.setattr(device_flow, "new_user_code", lambda: "FFS234")
+    authorize(svc, clock.now())
+    assert svc.pending_request("ffs-234", clock.now()).user_code == "FFS234"
+    # the ff ligature and the long s: str.upper() turns them into FF and S
+    for entered in ("\ufb00s234", "ff\u017f234", "\ufb00\u017f234"):
+        with pytest.raises(UnknownUserCode):
+            svc.pending_request(entered, clock.now())
+
+
+# -- F3: expiry comes first ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seconds, expected", [
+    pytest.param(599, "authorization_pending", id="T0+599: pending"),
+    pytest.param(600, "expired_token", id="T0+600: expired"),
+    pytest.param(601, "expired_token", id="T0+601: expired"),
+    pytest.param(86400, "expired_token", id="a day later: expired"),
+])
+def test_never_approved_code_expires(svc, clock, seconds, expected):
+    t0 = clock.now()
+    code = authorize(svc, t0)["device_code"]
+    assert outcome(poll(svc, code, t0 + seconds)) == expected
+
+
+def test_expired_code_is_expired_token_even_right_after_a_poll(svc, clock):
+    t0 = clock.now()
+    code = authorize(svc, t0)["device_code"]
+    assert outcome(poll(svc, code, t0 + 598)) == "authorization_pending"
+    assert outcome(poll(svc, code, t0 + 601)) == "expired_token"  # not slow_down, not pending
+
+
+def test_expired_code_cannot_be_approved_and_nothing_is_stored(svc, clock):
+    t0 = clock.now()
+    auth = authorize(svc, t0)
+    before = code_state(svc, auth["device_code"])
+    with pytest.raises(ExpiredUserCode):
+        svc.decide(auth["user_code"], "alice", True, t0 + 601)
+    with pytest.raises(ExpiredUserCode):
+        svc.pending_request(auth["user_code"], t0 + 601)
+    assert code_state(svc, auth["device_code"]) == before == ("pending", 5, None, None)
+    assert svc.store.live_grants() == []
+    assert outcome(poll(svc, auth["device_code"], t0 + 602)) == "expired_token"
+
+
+def test_approved_code_polled_after_it_expired_is_expired_token(svc, clock):
+    """protocol.md section 3 step 4 lists Expired before Approved."""
+    t0 = clock.now()
+    auth = authorize(svc, t0)
+    svc.decide(auth["user_code"], "alice", True, t0 + 590)
+    assert outcome(poll(svc, auth["device_code"], t0 + 601)) == "expired_token"
+    assert svc.store.live_grants() == []
+
+
+# -- F4: denial -----------------------------------------------------------------------------------------
+
+def test_denial_reaches_every_later_poll_and_cannot_be_flipped(svc, clock):
+    t0 = clock.now()
+    auth = authorize(svc, t0)
+    assert outcome(poll(svc, auth["device_code"], t0)) == "authorization_pending"
+    svc.decide(auth["user_code"], "alice", False, t0 + 1)
+    assert outcome(poll(svc, auth["device_code"], t0 + 2)) == "access_denied"  # soon after: not slow_down
+    for later in (10, 20, 300):
+        assert outcome(poll(svc, auth["device_code"], t0 + later)) == "access_denied"
+    for approve in (True, False):
+        with pytest.raises(UsedUserCode):
+            svc.decide(auth["user_code"].lower(), "admin", approve, t0 + 30)
+    with pytest.raises(UsedUserCode):
+        svc.pending_request(auth["user_code"], t0 + 30)
+    assert outcome(poll(svc, auth["device_code"], t0 + 400)) == "access_denied"
+    assert code_state(svc, auth["device_code"])[0] == "denied"
+
+
+def test_approval_is_single_use(svc, clock):
+    t0 = clock.now()
+    auth = authorize(svc, t0)
+    svc.decide(auth["user_code"], "alice", True, t0)
+    with pytest.raises(UsedUserCode):
+        svc.decide(auth["user_code"], "mallory", False, t0)
+    assert outcome(poll(svc, auth["device_code"], t0 + 1)) == "tokens"
+    with pytest.raises(UsedUserCode):
+        svc.decide(auth["user_code"], "mallory", True, t0 + 2)
+
+
+# -- F5: wrong client ------------------------------------------------------------------------------------
+
+def test_device_code_of_lamp_1_polled_as_lamp_2_is_invalid_grant_and_lamp_1_still_redeems_it(svc, clock):
+    t0 = clock.now()
+    auth = authorize(svc, t0)
+    svc.decide(auth["user_code"], "alice", True, t0)
+    assert outcome(poll(svc, auth["device_code"], t0 + 1, client_id="lamp-2")) == "invalid_grant"
+    reply = poll(svc, auth["device_code"], t0 + 1)
+    assert outcome(reply) == "tokens"
+    assert decode_jwt(reply["access_token"])[1]["client_id"] == "lamp-1"
+    assert outcome(poll(svc, auth["device_code"], t0 + 2)) == "invalid_grant"  # single use
+
+
+# -- F6: polling ----------------------------------------------------------------------------------------
+
+def test_polling_pending_slow_down_pending_then_tokens(svc, clock):
+    t0 = clock.now()
+    auth = authorize(svc, t0)
+    code = auth["device_code"]
+    assert outcome(poll(svc, code, t0)) == "authorization_pending"  # first poll at once: never slow_down
+    assert outcome(poll(svc, code, t0 + 2)) == "slow_down"
+    assert code_state(svc, code)[1] == 10  # the interval grew by 5 s
+    assert outcome(poll(svc, code, t0 + 12)) == "authorization_pending"
+    assert outcome(poll(svc, code, t0 + 22)) == "authorization_pending"
+    svc.decide(auth["user_code"], "alice", True, t0 + 23)
+    assert outcome(poll(svc, code, t0 + 24)) == "tokens"  # approved: tokens, whatever the timing
+
+
+def test_each_early_poll_grows_the_interval_by_five_seconds(svc, clock):
+    t0 = clock.now()
+    code = authorize(svc, t0)["device_code"]
+    assert outcome(poll(svc, code, t0)) == "authorization_pending"
+    replies = [poll(svc, code, t0 + i) for i in (1, 2, 3)]
+    assert [r["error"] for r in replies] == ["slow_down"] * 3
+    assert code_state(svc, code)[1] == 20
+    assert outcome(poll(svc, code, t0 + 3 + 19)) == "slow_down"  # sooner than the current 20 s
+    assert outcome(poll(svc, code, t0 + 22 + 25)) == "authorization_pending"
+
+
+@pytest.mark.parametrize("gap, expected", [(4, "slow_down"), (5, "authorization_pending")])
+def test_poll_at_the_interval_is_not_early(svc, clock, gap, expected):
+    t0 = clock.now()
+    code = authorize(svc, t0)["device_code"]
+    poll(svc, code, t0)
+    assert outcome(poll(svc, code, t0 + gap)) == expected
+
+
+# -- the order of checks on P/token: steps 1-3 never count as polls ------------------------------------
+
+def replayed(svc: AuthService, now: float) -> str:
+    used = proof(KEY, now)
+    svc.dpop.verify(used, htm="PUBLISH", htu="oauth/v1/token", now=now)
+    return used
+
+
+ORDER_CASES: list[Any] = [
+    # step 1: envelope, parameters, client (the proof is broken too: it must not be looked at first)
+    ("unknown client, broken proof", {"client_id": "nobody", "dpop": "x"}, "invalid_client"),
+    ("client id not an identity", {"client_id": "lamp-1/#", "dpop": "x"}, "invalid_client"),
+    ("client_id missing", {"client_id": DROP, "dpop": "x"}, "invalid_request"),
+    ("client_id a number", {"client_id": 1, "dpop": "x"}, "invalid_request"),
+    ("device_code missing", {"device_code": DROP, "dpop": "x"}, "invalid_request"),
+    ("device_code a number", {"device_code": 12345, "dpop": "x"}, "invalid_request"),
+    ("device_code null", {"device_code": None, "dpop": "x"}, "invalid_request"),
+    ("device_code of 5000 characters", {"device_code": "A" * 5000, "dpop": "x"}, "invalid_request"),
+    ("grant_type missing", {"grant_type": DROP, "dpop": "x"}, "invalid_request"),
+    ("grant_type a number", {"grant_type": 7, "dpop": "x"}, "invalid_request"),
+    ("grant_type password", {"grant_type": "password", "dpop": "x"}, "unsupported_grant_type"),
+    ("grant_type with different case", {"grant_type": DEVICE_CODE_GRANT.upper(), "dpop": "x"},
+     "unsupported_grant_type"),
+    ("unknown grant_type before unknown client", {"grant_type": "client_credentials", "client_id": "nobody"},
+     "unsupported_grant_type"),
+    # step 2: the proof
+    ("proof missing", {"dpop": DROP}, "invalid_dpop_proof"),
+    ("proof not a JWT", {"dpop": "x.y.z"}, "invalid_dpop_proof"),
+    ("proof for another topic", {"dpop": lambda s, n: proof(KEY, n, "revoke")}, "invalid_dpop_proof"),
+    ("proof replayed", {"dpop": replayed}, "invalid_dpop_proof"),
+    ("proof with a stale iat and no nonce", {"dpop": lambda s, n: proof(KEY, n - 61)}, "use_dpop_nonce"),
+    ("proof with a made-up nonce", {"dpop": lambda s, n: proof(KEY, n, nonce="made-up")}, "use_dpop_nonce"),
+    # step 3: lookup
+    ("unknown device_code", {"device_code": "B" * 64}, "invalid_grant"),
+    ("device code of lamp-1 presented by lamp-2", {"client_id": "lamp-2"}, "invalid_grant"),
+    ("proof key not the key the code was bound to", {"dpop": lambda s, n: proof(OTHER, n)}, "invalid_grant"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", [pytest.param(o, e, id=i) for i, o, e in ORDER_CASES])
+def test_refusals_before_the_poll_do_not_count_as_polls(svc, clock, overrides, expected):
+    t0 = clock.now()
+    code = authorize(svc, t0)["device_code"]
+    assert outcome(poll(svc, code, t0)) == "authorization_pending"  # a counted poll at t0
+    before = code_state(svc, code)
+    now = t0 + 5
+    resolved = {k: (v(svc, now) if callable(v) else v) for k, v in overrides.items()}
+    assert outcome(poll(svc, code, now, **resolved)) == expected
+    assert code_state(svc, code) == before
+    assert outcome(poll(svc, code, now)) == "authorization_pending"  # not slow_down: the refusal was no poll
+
+
+def test_refusals_before_the_lookup_leave_an_approved_code_redeemable(svc, clock):
+    t0 = clock.now()
+    auth = authorize(svc, t0)
+    svc.decide(auth["user_code"], "alice", True, t0)
+    for overrides in ({"dpop": "x"}, {"dpop": proof(OTHER, t0)}, {"client_id": "lamp-2"}):
+        refused = outcome(poll(svc, auth["device_code"], t0, **overrides))
+        assert refused in ("invalid_dpop_proof", "invalid_grant")
+    assert outcome(poll(svc, auth["device_code"], t0)) == "tokens"
+
+
+def test_bound_code_issues_tokens_bound_to_the_binding_key(svc, clock):
+    t0 = clock.now()
+    auth = authorize(svc, t0, key=KEY)
+    svc.decide(auth["user_code"], "alice", True, t0)
+    reply = poll(svc, auth["device_code"], t0 + 1)
+    assert decode_jwt(reply["access_token"])[1]["cnf"] == {"jkt": KEY.thumbprint()}
+
+
+def test_unbound_code_binds_tokens_to_the_token_request_key(svc, clock):
+    t0 = clock.now()
+    auth = authorize(svc, t0, key=None)
+    svc.decide(auth["user_code"], "alice", True, t0)
+    reply = poll(svc, auth["device_code"], t0 + 1, key=OTHER)
+    assert outcome(reply) == "tokens"
+    claims = decode_jwt(reply["access_token"])[1]
+    assert claims["cnf"] == {"jkt": OTHER.thumbprint()} and claims["sub"] == "alice"
+    # ... and the refresh token too: only that key can use it
+    refresh = {"grant_type": "refresh_token", "refresh_token": reply["refresh_token"], "client_id": "lamp-1"}
+    assert call(svc, "token", refresh | {"dpop": proof(KEY, t0 + 2)}, t0 + 2)["error"] == "invalid_grant"
+    assert outcome(call(svc, "token", refresh | {"dpop": proof(OTHER, t0 + 2)}, t0 + 2)) == "tokens"
