@@ -54,7 +54,10 @@ def load_master_key(data_dir: Path, *, create: bool = False) -> tuple[bytes, str
         return key, f"the {MASTER_KEY_ENV} environment variable"
     path = master_key_file(data_dir)
     if path.exists():
-        key = b64u_decode(path.read_text(encoding="ascii").strip())
+        try:
+            key = b64u_decode(path.read_text(encoding="ascii").strip())
+        except (ValueError, OSError):  # binascii.Error and UnicodeDecodeError are ValueErrors
+            key = b""
         if len(key) != 32:
             raise SealError(f"{path}: not a 32-byte base64url master key")
         return key, f"the key file {path}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from authsvc.datadir import init_data_dir
 from authsvc.runtime import Running, running
 
 ADMIN_PASSWORD = "correct horse battery staple"
+ENV = ("IOTAUTH_MASTER_KEY", "IOTAUTH_ACCESS_TOKEN_TTL", "IOTAUTH_ADMIN_PASSWORD", "IOTAUTH_DATA_DIR")
 DEVICES = {
     "thermo-1": ("write:temperature device:power", "Living-room thermostat"),
     "panel-1": ("read:temperature control:power", "Hall wall panel"),
@@ -30,14 +32,30 @@ def clock() -> FakeClock:
     return FakeClock(start=float(int(time.time())))
 
 
+@pytest.fixture(scope="session")
+def initialised(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real `iotauth init` per run (its argon2 hash costs ~0.2 s); each test gets a copy of it."""
+    root = tmp_path_factory.mktemp("init")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ENV:
+            mp.delenv(name, raising=False)
+        mp.setenv("IOTAUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        init_data_dir(load_settings(root / "data"), force=False, now=time.time())
+    return root
+
+
 @pytest.fixture
-def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> Settings:
-    monkeypatch.setenv("IOTAUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
-    monkeypatch.delenv("IOTAUTH_MASTER_KEY", raising=False)
-    monkeypatch.delenv("IOTAUTH_ACCESS_TOKEN_TTL", raising=False)
-    s = load_settings(tmp_path / "data").with_ports(mqtt_port=0, http_port=0)
-    init_data_dir(s, force=False, now=clock.now())
-    return s
+def data_dir(initialised: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A real initialised data dir of this test's own (database, and the master key file beside it)."""
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    shutil.copytree(initialised, tmp_path / "copy")
+    return tmp_path / "copy" / "data"
+
+
+@pytest.fixture
+def settings(data_dir: Path) -> Settings:
+    return load_settings(data_dir).with_ports(mqtt_port=0, http_port=0)
 
 
 class ServerThread:

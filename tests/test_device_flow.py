@@ -6,17 +6,13 @@ A real AuthService on a real SQLite file; time is the fake clock's, passed in.
 from __future__ import annotations
 
 import re
-import shutil
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 from joserfc.jwk import ECKey
 
 from authsvc import device_flow
-from authsvc.config import Settings, load_settings
-from authsvc.datadir import init_data_dir, open_service
+from authsvc.datadir import open_service
 from authsvc.errors import ExpiredUserCode, OAuthError, UnknownUserCode, UsedUserCode
 from authsvc.grants import DEVICE_CODE_GRANT
 from authsvc.service import AuthService
@@ -25,30 +21,6 @@ from tests.wire import decode_jwt, make_proof
 KEY = ECKey.generate_key("P-256", private=True)
 OTHER = ECKey.generate_key("P-256", private=True)
 USER_CODE = re.compile(r"[ABCDEFGHJKLMNPQRSTUVWXYZ]{3}[2-9]{3}")  # no I, O, 0, 1
-
-
-ENV = ("IOTAUTH_MASTER_KEY", "IOTAUTH_ACCESS_TOKEN_TTL", "IOTAUTH_ADMIN_PASSWORD", "IOTAUTH_DATA_DIR")
-
-
-@pytest.fixture(scope="module")
-def initialised(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real `iotauth init` per module (its argon2 hash costs ~0.2 s); each test gets a copy."""
-    root = tmp_path_factory.mktemp("init")
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ENV:
-            mp.delenv(name, raising=False)
-        init_data_dir(load_settings(root / "data"), force=False, now=time.time())
-    return root
-
-
-@pytest.fixture
-def settings(initialised: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Overrides conftest's `settings` with the same contract: a real initialised data dir of this test's own
-    (database and master key file copied from the module's), on free ports."""
-    for name in ENV:
-        monkeypatch.delenv(name, raising=False)
-    shutil.copytree(initialised, tmp_path / "copy")
-    return load_settings(tmp_path / "copy" / "data").with_ports(mqtt_port=0, http_port=0)
 
 
 @pytest.fixture

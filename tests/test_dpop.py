@@ -25,12 +25,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from joserfc import jws
 from joserfc.jwk import ECKey, RSAKey
 
-from authsvc.config import Settings, load_settings
-from authsvc.datadir import init_data_dir, open_service
+from authsvc.config import load_settings
+from authsvc.datadir import open_service
 from authsvc.dpop import NonceIssuer, ath_of, jwk_thumbprint
 from authsvc.errors import InvalidDPoPProof, OAuthError
 from authsvc.grants import DEVICE_CODE_GRANT
 from authsvc.service import AuthService, ConnectRefused
+from tests.conftest import ENV
 
 TOKEN_TOPIC = "oauth/v1/token"
 AUDIENCE = "mqtt://localhost:1883"
@@ -39,30 +40,6 @@ OTHER = ECKey.generate_key("P-256", private=True)
 P384 = ECKey.generate_key("P-384", private=True)
 RSA = RSAKey.generate_key(2048, private=True)
 ACCESS_TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"  # ath only hashes it
-
-
-ENV = ("IOTAUTH_MASTER_KEY", "IOTAUTH_ACCESS_TOKEN_TTL", "IOTAUTH_ADMIN_PASSWORD", "IOTAUTH_DATA_DIR")
-
-
-@pytest.fixture(scope="module")
-def initialised(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real `iotauth init` per module (its argon2 hash costs ~0.2 s); each test gets a copy."""
-    root = tmp_path_factory.mktemp("init")
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ENV:
-            mp.delenv(name, raising=False)
-        init_data_dir(load_settings(root / "data"), force=False, now=time.time())
-    return root
-
-
-@pytest.fixture
-def settings(initialised: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Overrides conftest's `settings` with the same contract: a real initialised data dir of this test's own
-    (database and master key file copied from the module's), on free ports."""
-    for name in ENV:
-        monkeypatch.delenv(name, raising=False)
-    shutil.copytree(initialised, tmp_path / "copy")
-    return load_settings(tmp_path / "copy" / "data").with_ports(mqtt_port=0, http_port=0)
 
 
 def b64u(data: bytes) -> str:
@@ -110,12 +87,14 @@ def svc(settings: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def shared(initialised: Path) -> Any:
-    """One real service for the stateless tables, on the module's data dir."""
+def shared(initialised: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One real service for the stateless tables, on a copy of the initialised data dir."""
+    copy = tmp_path_factory.mktemp("dpop") / "copy"
+    shutil.copytree(initialised, copy)
     with pytest.MonkeyPatch.context() as mp:
         for name in ENV:
             mp.delenv(name, raising=False)
-        service = open_service(load_settings(initialised / "data").with_ports(mqtt_port=0, http_port=0))
+        service = open_service(load_settings(copy / "data").with_ports(mqtt_port=0, http_port=0))
     yield service
     service.store.close()
 
