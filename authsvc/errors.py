@@ -36,11 +36,6 @@ class InvalidGrant(OAuthError):
     description = "The grant is invalid, expired, revoked or was issued to another client"
 
 
-class UnauthorizedClient(OAuthError):
-    error = "unauthorized_client"
-    description = "The client is not allowed to use this grant type"
-
-
 class UnsupportedGrantType(OAuthError):
     error = "unsupported_grant_type"
     description = "Unsupported grant_type"
@@ -49,11 +44,6 @@ class UnsupportedGrantType(OAuthError):
 class InvalidScope(OAuthError):
     error = "invalid_scope"
     description = "The requested scope is invalid or exceeds what the client may ask for"
-
-
-class UnsupportedTokenType(OAuthError):
-    error = "unsupported_token_type"
-    description = "This token type cannot be revoked"
 
 
 class AuthorizationPending(OAuthError):

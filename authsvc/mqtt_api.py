@@ -75,7 +75,6 @@ class MqttApi:
         correlation = body.get("correlation_id")
         try:
             if "correlation_id" in body and (not isinstance(correlation, str) or len(correlation) > MAX_CORRELATION_ID):
-                correlation = None
                 raise InvalidRequest(f"correlation_id must be a string of at most {MAX_CORRELATION_ID} characters")
             response = self.service.handle(endpoint, body, now)
             metrics.REQUESTS.labels(endpoint=endpoint, outcome="ok").inc()
@@ -87,7 +86,7 @@ class MqttApi:
         except Exception:
             log.exception("internal error on %s", endpoint)
             response = self.render_error(endpoint, ServerError())
-        if correlation is not None:
+        if "correlation_id" in body:  # echoed whenever the request had one, even a malformed one (section 3)
             response["correlation_id"] = correlation
         response["dpop_nonce"] = self.service.current_nonce(now)
         return response

@@ -107,8 +107,8 @@ ANSWER_CASES: list[Any] = [
     ("client_id a number", "device_authorization", {"client_id": 5}, "invalid_request", None),
     ("scope a list", "device_authorization", {"scope": ["device:power"]}, "invalid_request", None),
     ("correlation_id of 65 characters", "device_authorization", {"correlation_id": "c" * 65},
-     "invalid_request", None),
-    ("correlation_id a number", "device_authorization", {"correlation_id": 17}, "invalid_request", None),
+     "invalid_request", "c" * 65),
+    ("correlation_id a number", "device_authorization", {"correlation_id": 17}, "invalid_request", 17),
     ("correlation_id null", "device_authorization", {"correlation_id": None}, "invalid_request", None),
     ("correlation_id of 64 characters", "device_authorization", {"correlation_id": "c" * 64}, "ok", "c" * 64),
     ("correlation_id echoed on success", "device_authorization", {"correlation_id": "req-1"}, "ok", "req-1"),
@@ -139,6 +139,7 @@ def test_request_with_a_usable_reply_to_gets_an_answer_with_the_current_nonce(se
         assert set(reply) <= {"error", "error_description", "correlation_id", "dpop_nonce"}
         assert isinstance(reply["error_description"], str)
     assert reply.get("correlation_id") == echoed
+    assert ("correlation_id" in reply) == ("correlation_id" in fields)  # echoed whenever the request had one
     assert reply["dpop_nonce"] == nonce_now(server)
 
 
