@@ -17,7 +17,8 @@ from authsvc.config import Settings
 from authsvc.datadir import open_service
 from authsvc.service import AuthService
 from authsvc.web.app import create_app
-from broker.server import Gate, HardenedBroker, bound_port, start_broker
+from broker.gate import Gate
+from broker.server import HardenedBroker, bound_port, start_broker
 
 log = logging.getLogger("iotauth")
 

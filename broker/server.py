@@ -1,5 +1,4 @@
-"""The amqtt broker, hardened where a plugin alone cannot be (../shared/amqtt-notes.md), and the Gate
-that ties it to the authorization service: request hand-off, forced disconnects, expiry, JWKS.
+"""The amqtt broker, hardened where a plugin alone cannot be (../shared/amqtt-notes.md).
 
 `HardenedBroker` overrides, each for a stated reason:
 - `_initialize_client_session`: wait at most `connect_timeout` for CONNECT, and authenticate BEFORE any
@@ -20,10 +19,8 @@ that ties it to the authorization service: request hand-off, forced disconnects,
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-from collections.abc import Callable
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter
@@ -37,15 +34,13 @@ from amqtt.utils import gen_client_id
 
 from authsvc import metrics
 from authsvc.clock import Clock
-from authsvc.mqtt_api import MqttApi
 from authsvc.service import AuthService
+from broker.gate import HANDLER, Gate
 from broker.plugin import IotAuthPlugin, info
 
 log = logging.getLogger("iotauth.broker")
 
-SWEEP_SECONDS = 0.2
 ADMITTED = "iotauth.admitted"
-HANDLER = "iotauth.handler"  # the connection's protocol handler, so the Gate can close exactly that connection
 BOOTSTRAP_KEEPALIVE = 60  # seconds, for a bootstrap session that asks for none
 
 
@@ -197,7 +192,7 @@ class HardenedBroker(Broker):
 
     async def retain_message(self, source_session: Session | None, topic_name: str | None,
                              data: bytes | bytearray | None, qos: int | None = None) -> None:
-        gate: Gate | None = getattr(self, "gate", None)
+        gate = getattr(self, "gate", None)
         if source_session is not None and gate is not None and topic_name is not None \
                 and (topic_name + "/").startswith(gate.service.settings.prefix + "/"):
             log.warning("not retaining a device's publish on %r", topic_name)
@@ -217,92 +212,6 @@ class HardenedBroker(Broker):
                     handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
         if tasks:
             await asyncio.wait(tasks)
-
-
-class Gate:
-    """What the running broker needs from the service, and what the service needs from the broker."""
-
-    def __init__(self, broker: HardenedBroker, service: AuthService, clock: Clock) -> None:
-        self.broker = broker
-        self.service = service
-        self.clock = clock
-        self.api = MqttApi(service, clock, self.publish)
-        self._devices: dict[int, Session] = {}
-        self._wake = asyncio.Event()
-        self._last_revocation = service.store.last_revocation_id()
-        self._task: asyncio.Task[None] | None = None
-        self.on_acl_denied: list[Callable[[str | None, str, str], None]] = []  # (client_id, action, topic)
-        service.on_revocation.append(self._wake.set)
-
-    def acl_denied(self, client_id: str | None, action: str, topic: str) -> None:
-        for observer in self.on_acl_denied:
-            observer(client_id, action, topic)
-
-    async def publish(self, topic: str, data: bytes) -> None:
-        await self.broker.internal_message_broadcast(topic, data, 1)
-
-    async def publish_jwks(self) -> None:
-        data = json.dumps(self.service.keys.jwks(), separators=(",", ":")).encode()
-        await self.broker.retain_message(None, f"{self.service.settings.prefix}/jwks", data, 1)
-
-    def track(self, session: Session) -> None:
-        meta = info(session)
-        if meta is not None and meta.kind == "device":
-            self._devices[id(session)] = session
-        metrics.SESSIONS.labels(kind=meta.kind if meta else "unknown").inc()
-
-    def untrack(self, session: Session) -> None:
-        self._devices.pop(id(session), None)
-        meta = info(session)
-        metrics.SESSIONS.labels(kind=meta.kind if meta else "unknown").dec()
-
-    def expire_soon(self, session: Session | None) -> None:
-        self._wake.set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._sweep_forever())
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), SWEEP_SECONDS)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("session sweep failed")
-
-    async def sweep(self) -> None:
-        """Close sessions whose token expired or whose grant or token was revoked (by any process)."""
-        now = self.clock.now()
-        events = self.service.store.revocations_after(self._last_revocation)
-        if events:
-            self._last_revocation = events[-1].id
-        grants = {e.grant_id for e in events if e.jti is None}
-        jtis = {e.jti for e in events if e.jti is not None}
-        for session in list(self._devices.values()):
-            device = info(session).device  # type: ignore[union-attr]
-            if device.exp <= now:
-                await self.disconnect(session, "expired")
-            elif device.grant_id in grants or device.jti in jtis:
-                await self.disconnect(session, "revoked")
-
-    async def disconnect(self, session: Session, reason: str) -> None:
-        self._devices.pop(id(session), None)
-        handler = session.attributes.get(HANDLER)
-        if handler is None:
-            return
-        session.will_flag = False  # no Will when the server closes the session (protocol section 7)
-        log.warning("closing session of %s: token %s", session.client_id, reason)
-        metrics.DISCONNECTS.labels(reason=reason).inc()
-        await handler.handle_connection_closed()
 
 
 async def start_broker(service: AuthService, clock: Clock, host: str, port: int) -> tuple[HardenedBroker, Gate]:
