@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from amqtt.session import Session
 
@@ -28,6 +28,19 @@ log = logging.getLogger("iotauth.broker")
 
 SWEEP_SECONDS = 0.2
 HANDLER = "iotauth.handler"  # the connection's protocol handler, so the Gate can close exactly that connection
+
+
+async def close_connection(handler: Any) -> None:
+    """Close one client connection for sure.
+
+    `handle_connection_closed()` alone is not enough on Python 3.11: amqtt's reader waits inside
+    `asyncio.wait_for`, which can swallow the cancellation when a packet arrives at that moment
+    (CPython gh-86296), leaving a revoked session connected. Aborting the transport ends the reader
+    with a connection error whatever it was doing."""
+    await handler.handle_connection_closed()
+    transport = getattr(getattr(getattr(handler, "writer", None), "_writer", None), "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 class Gate:
@@ -113,4 +126,4 @@ class Gate:
         session.will_flag = False  # no Will when the server closes the session (protocol section 7)
         log.warning("closing session of %s: token %s", session.client_id, reason)
         metrics.DISCONNECTS.labels(reason=reason).inc()
-        await handler.handle_connection_closed()
+        await close_connection(handler)

@@ -35,7 +35,7 @@ from amqtt.utils import gen_client_id
 from authsvc import metrics
 from authsvc.clock import Clock
 from authsvc.service import AuthService
-from broker.gate import HANDLER, Gate
+from broker.gate import HANDLER, Gate, close_connection
 from broker.plugin import IotAuthPlugin, info
 
 log = logging.getLogger("iotauth.broker")
@@ -155,7 +155,7 @@ class HardenedBroker(Broker):
             # MQTT-3.1.4-2: the previous connection of this ClientId is closed. Stock amqtt keeps it open
             # when the new CONNECT has clean session set, and that connection would outlive a revocation.
             log.info("ClientId %r connected again: closing its previous connection", session.client_id)
-            await previous[1].handle_connection_closed()
+            await close_connection(previous[1])
         if session.clean_session:
             if session.client_id:
                 await self._delete_session(session.client_id)

@@ -213,12 +213,6 @@ def revoke_mid_burst(quick: ServerThread, device: Device, events: EventRecorder)
         publisher.join(WAIT)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: on Python 3.11 asyncio.wait_for can swallow a cancellation (CPython gh-86296); amqtt's "
-    "reader loop waits in wait_for, so when Gate.disconnect closes a session while its PUBLISHes are "
-    "arriving, BrokerProtocolHandler.stop() waits forever for the reader and the revoked connection stays "
-    "open (it even keeps receiving power commands). Remove this marker once Gate.disconnect (broker/gate.py) "
-    "closes the socket itself."))
 def test_revocation_disconnects_a_device_even_while_it_is_publishing(quick, make_device):
     thermo, events = make_device("thermo-1")
     start_and_approve(quick, thermo, events)
