@@ -3,11 +3,13 @@
 `HardenedBroker` overrides, each for a stated reason:
 - `_initialize_client_session`: wait at most `connect_timeout` for CONNECT, and authenticate BEFORE any
   existing session is touched (stock amqtt wipes or takes over a victim's session first, flaw 1); a
-  bootstrap CONNECT may not take over a live authenticated ClientId (CONNACK 2).
+  bootstrap CONNECT may not take over or wipe a device's session, live or offline (CONNACK 2).
 - `_authenticate`: returns the decision already taken above, so the plugin runs once per CONNECT
   (a second run would see its own proof as a replay).
 - `retain_message`: a device's publish never becomes a retained message under the protocol prefix.
-- `_publish_retained_messages_for_subscription`: retained messages obey the RECEIVE check (flaw 2).
+- `_publish_retained_messages_for_subscription`: retained messages obey the RECEIVE check and go only
+  to the session's own subscriptions (flaw 2); `_publish_session_retained_messages` applies the same
+  check to messages queued while a persistent session was offline.
 - `stream_connected`: every socket reads through `PacketLimitReader`, so a packet over the maximum size
   closes its connection before its body is buffered (no maximum exists in stock amqtt, flaw 3).
 - `KeepAliveHandler`: a session silent for 1.5 x its keep-alive is closed (stock amqtt only logs it);
@@ -179,11 +181,13 @@ class HardenedBroker(Broker):
         if not await super()._authenticate(session, None):  # type: ignore[arg-type]
             return int(session.attributes.get("iotauth.connack", 5))
         meta = info(session)
-        live = self._sessions.get(session.client_id or "")
-        if meta is not None and meta.kind == "bootstrap" and live is not None:
-            other = info(live[0])
-            if other is not None and other.kind == "device" and live[0].transitions.is_connected():
-                log.warning("bootstrap CONNECT tried to take over live device session %r", session.client_id)
+        stored = self._sessions.get(session.client_id or "")
+        if meta is not None and meta.kind == "bootstrap" and stored is not None:
+            other = info(stored[0])
+            # Connected or offline: a device's stored session holds its subscriptions and queued messages,
+            # which a password-less CONNECT must neither take over nor wipe.
+            if other is not None and other.kind == "device":
+                log.warning("bootstrap CONNECT tried to take over the session of device %r", session.client_id)
                 return 2
         return 0
 
@@ -199,12 +203,25 @@ class HardenedBroker(Broker):
             return
         await super().retain_message(source_session, topic_name, data, qos)
 
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Messages queued while a persistent session was offline are deliveries too: each passes RECEIVE."""
+        handler = self._get_handler(session)
+        tasks = []
+        while handler is not None and not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            if await self._topic_filtering(session, queued.topic, Action.RECEIVE):
+                tasks.append(asyncio.ensure_future(
+                    handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=True)))
+        if tasks:
+            await asyncio.wait(tasks)
+
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Session) -> None:
         topic_filter, qos = subscription
         handler = self._get_handler(session)
-        if handler is None:
-            return
+        subscribers = self._subscriptions.get(topic_filter, [])
+        if handler is None or not any(s.client_id == session.client_id for s, _ in subscribers):
+            return  # stock amqtt calls this at CONNECT for every stored filter, anyone's
         tasks = []
         for topic, retained in list(self._retained_messages.items()):
             if self._matches(topic, topic_filter) and await self._topic_filtering(session, topic, Action.RECEIVE):

@@ -135,3 +135,34 @@ def test_authenticated_connect_with_an_unsafe_client_id_gets_connack_5(server):
     server.approve(auth["user_code"])
     tokens = thermo.poll(auth["device_code"])
     assert thermo.session(tokens["access_token"], client_id="a/thermo-1").connack == 5
+
+
+@pytest.mark.parametrize("clean", [False, True], ids=["take over", "wipe"])
+def test_bootstrap_cannot_touch_an_offline_device_session_or_its_queued_messages(server, clean):
+    thermo = Device(server.mqtt_port, "thermo-1", server.clock)
+    auth = thermo.authorize()
+    server.approve(auth["user_code"])
+    tokens = thermo.poll(auth["device_code"])
+    first = thermo.session(tokens["access_token"], clean=False)
+    assert first.subscribe("home/thermo-1/power/set") == [1]
+    first.close()
+    _, panel = paired_session(server, "panel-1")
+    panel.publish("home/thermo-1/power/set", b"secret-on")
+    attacker = Mqtt(server.mqtt_port, "thermo-1", clean=clean)
+    assert attacker.connect() == 2
+    assert attacker.received() == []
+    back = thermo.session(tokens["access_token"], clean=False)
+    assert back.connack == 0
+    assert back.wait_message("home/thermo-1/power/set") == [b"secret-on"]
+
+
+def test_a_new_session_gets_retained_messages_only_for_its_own_subscriptions(server):
+    watcher = Mqtt(server.mqtt_port, "watcher1")
+    assert watcher.connect() == 0
+    watcher.subscribe("oauth/v1/jwks")
+    assert watcher.wait_message("oauth/v1/jwks")
+    newcomer = Mqtt(server.mqtt_port, "newcomer1")
+    assert newcomer.connect() == 0
+    assert newcomer.subscribe("oauth/v1/reply/AAAAAAAAAAAAAAAAAAAAAAAA") == [1]
+    assert newcomer.wait_for(lambda: newcomer.received("oauth/v1/jwks"), timeout=1.0) == []
+    assert len(watcher.received("oauth/v1/jwks")) == 1
