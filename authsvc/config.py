@@ -51,6 +51,7 @@ class Settings:
     dpop_algorithms: tuple[str, ...] = ("ES256",)
     iat_window: int = 60
     nonce_step: int = 300
+    max_proofs_per_source: int = 5000
     max_failures: int = 5
     failure_window: int = 60
     scopes: dict[str, ScopeRule] = field(default_factory=dict)
@@ -127,6 +128,7 @@ _KEYS: dict[tuple[str, str], tuple[str, type | tuple[type, ...], Any]] = {
     ("dpop", "algorithms"): ("dpop_algorithms", list, _algs),
     ("dpop", "iat_window"): ("iat_window", int, _positive),
     ("dpop", "nonce_step"): ("nonce_step", int, _positive),
+    ("dpop", "max_proofs_per_source"): ("max_proofs_per_source", int, _positive),
     ("activate", "max_failures"): ("max_failures", int, _positive),
     ("activate", "failure_window"): ("failure_window", int, _positive),
 }

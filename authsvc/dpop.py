@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import json
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,41 +169,53 @@ def check_freshness(claims: dict[str, Any], nonces: NonceIssuer, now: float, win
 
 
 class JtiMemory:
-    """Seen (key, jti) pairs, kept while their proof could still be accepted. Bounded."""
+    """Seen (key, jti) pairs, kept while their proof could still be accepted. Bounded twice: in all, and
+    per source address, so one host flooding valid proofs from throwaway keys locks out only itself."""
 
-    def __init__(self, retention: float, capacity: int = 100_000) -> None:
+    def __init__(self, retention: float, capacity: int = 200_000, per_source: int = 5_000) -> None:
         self.retention = retention
         self.capacity = capacity
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self.per_source = per_source
+        self._seen: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
+        self._by_source: Counter[str] = Counter()
 
     def _purge(self, now: float) -> None:
         while self._seen:
-            key, until = next(iter(self._seen.items()))
+            key, (until, source) = next(iter(self._seen.items()))
             if until > now:
                 break
             self._seen.popitem(last=False)
+            self._by_source[source] -= 1
+            if self._by_source[source] <= 0:
+                del self._by_source[source]
 
-    def remember(self, jkt: str, jti: str, now: float) -> None:
+    def remember(self, jkt: str, jti: str, now: float, source: str = "") -> None:
         self._purge(now)
         if (jkt, jti) in self._seen:
             raise InvalidDPoPProof("The DPoP proof has been used before (jti replay)")
+        if self._by_source[source] >= self.per_source:
+            raise TemporarilyUnavailable("Too many DPoP proofs from this address; retry in a few minutes",
+                                         detail=f"per-source proof quota of {self.per_source} reached by {source!r}")
         if len(self._seen) >= self.capacity:
             raise TemporarilyUnavailable("Too many DPoP proofs in flight; retry shortly")
-        self._seen[(jkt, jti)] = now + self.retention
+        self._seen[(jkt, jti)] = (now + self.retention, source)
+        self._by_source[source] += 1
 
     def __len__(self) -> int:
         return len(self._seen)
 
 
 class DPoPVerifier:
-    def __init__(self, nonces: NonceIssuer, *, algorithms: tuple[str, ...], window: int, nonce_step: int) -> None:
+    def __init__(self, nonces: NonceIssuer, *, algorithms: tuple[str, ...], window: int, nonce_step: int,
+                 per_source: int = 5_000) -> None:
         self.nonces = nonces
         self.algorithms = algorithms
         self.window = window
         # a proof is acceptable for at most two nonce steps, or iat +- window: keep its jti at least that long
-        self.jtis = JtiMemory(retention=max(2 * nonce_step, 2 * window) + window)
+        self.jtis = JtiMemory(retention=max(2 * nonce_step, 2 * window) + window, per_source=per_source)
 
-    def verify(self, proof: Any, *, htm: str, htu: str, now: float, access_token: str | None = None) -> Proof:
+    def verify(self, proof: Any, *, htm: str, htu: str, now: float, access_token: str | None = None,
+               source: str = "") -> Proof:
         header, claims = split_proof(proof)
         check_typ(header)
         alg = check_alg(header, self.algorithms)
@@ -214,5 +226,5 @@ class DPoPVerifier:
         check_ath(claims, access_token)
         check_freshness(claims, self.nonces, now, self.window)
         jkt = jwk_thumbprint(header["jwk"])
-        self.jtis.remember(jkt, claims["jti"], now)
+        self.jtis.remember(jkt, claims["jti"], now, source)
         return Proof(jkt=jkt, jti=claims["jti"], iat=float(claims["iat"]), nonce=claims.get("nonce"), claims=claims)

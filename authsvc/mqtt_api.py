@@ -59,7 +59,7 @@ class MqttApi:
             raise Dropped("missing or malformed reply_to")
         return reply_to, body
 
-    async def on_request(self, topic: str, payload: bytes, retain: bool = False) -> None:
+    async def on_request(self, topic: str, payload: bytes, retain: bool = False, source: str = "") -> None:
         endpoint = self.request_topics[topic]
         try:
             reply_to, body = self.parse_envelope(topic, payload, retain)
@@ -67,16 +67,16 @@ class MqttApi:
             metrics.REQUESTS_DROPPED.labels(endpoint=endpoint).inc()
             log.warning("dropped request on %s: %s", topic, exc)
             return
-        response = self.answer(endpoint, body)
+        response = self.answer(endpoint, body, source)
         await self.publish(reply_to, json.dumps(response, separators=(",", ":")).encode())
 
-    def answer(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    def answer(self, endpoint: str, body: dict[str, Any], source: str = "") -> dict[str, Any]:
         now = self.clock.now()
         correlation = body.get("correlation_id")
         try:
             if "correlation_id" in body and (not isinstance(correlation, str) or len(correlation) > MAX_CORRELATION_ID):
                 raise InvalidRequest(f"correlation_id must be a string of at most {MAX_CORRELATION_ID} characters")
-            response = self.service.handle(endpoint, body, now)
+            response = self.service.handle(endpoint, body, now, source)
             metrics.REQUESTS.labels(endpoint=endpoint, outcome="ok").inc()
         except OAuthError as exc:
             response = self.render_error(endpoint, exc)

@@ -84,7 +84,7 @@ class AuthService:
         self.keys = keys
         nonces = NonceIssuer(keys.secrets["dpop_nonce"], settings.nonce_step)
         self.dpop = DPoPVerifier(nonces, algorithms=settings.dpop_algorithms, window=settings.iat_window,
-                                 nonce_step=settings.nonce_step)
+                                 nonce_step=settings.nonce_step, per_source=settings.max_proofs_per_source)
         self.on_revocation: list[Callable[[], None]] = []
 
     # -- helpers shared by the grants ---------------------------------------------
@@ -135,24 +135,26 @@ class AuthService:
             raise InvalidClient(detail=f"unknown client_id {client_id!r}")
         return client
 
-    def verify_request_proof(self, proof: Any, endpoint: str, now: float) -> Proof:
-        return self.dpop.verify(proof, htm="PUBLISH", htu=self.topic(endpoint), now=now)
+    def verify_request_proof(self, proof: Any, endpoint: str, now: float, source: str) -> Proof:
+        return self.dpop.verify(proof, htm="PUBLISH", htu=self.topic(endpoint), now=now, source=source)
 
     # -- the three endpoints --------------------------------------------------------
-    def handle(self, endpoint: str, params: dict[str, Any], now: float) -> dict[str, Any]:
+    def handle(self, endpoint: str, params: dict[str, Any], now: float, source: str = "") -> dict[str, Any]:
+        """`source` is the requester's network address: it bounds how many proofs one host can make us keep."""
         if endpoint == "device_authorization":
-            return self.device_authorization(params, now)
+            return self.device_authorization(params, now, source)
         if endpoint == "token":
-            return self.token(params, now)
+            return self.token(params, now, source)
         if endpoint == "revoke":
-            return self.revoke(params, now)
+            return self.revoke(params, now, source)
         raise InvalidRequest(f"Unknown endpoint {endpoint}")
 
-    def device_authorization(self, params: dict[str, Any], now: float) -> dict[str, Any]:
+    def device_authorization(self, params: dict[str, Any], now: float, source: str = "") -> dict[str, Any]:
         p = _string_params(params, ("client_id", "scope"), ("client_id",))
         client = self.require_client(p["client_id"])
         scope = self._requested_scope(client, p.get("scope"))
-        jkt = self.verify_request_proof(params["dpop"], "device_authorization", now).jkt if "dpop" in params else None
+        jkt = self.verify_request_proof(params["dpop"], "device_authorization", now, source).jkt \
+            if "dpop" in params else None
         device_code = device_flow.new_device_code()
         s = self.settings
         while True:
@@ -175,10 +177,11 @@ class AuthService:
             raise InvalidScope(detail=f"{client['client_id']} asked for {requested!r}, registered {allowed}")
         return " ".join(dict.fromkeys(wanted))
 
-    def token(self, params: dict[str, Any], now: float) -> dict[str, Any]:
+    def token(self, params: dict[str, Any], now: float, source: str = "") -> dict[str, Any]:
         grant_type = params.get("grant_type")
         if not isinstance(grant_type, str):
-            raise InvalidRequest("Missing parameter grant_type")
+            raise InvalidRequest("Missing parameter grant_type" if grant_type is None
+                                 else "Parameter grant_type must be a string")
         handler = GRANTS.get(grant_type)
         if handler is None:
             raise UnsupportedGrantType(detail=f"grant_type {grant_type[:80]!r}")
@@ -186,13 +189,13 @@ class AuthService:
         self.require_client(p["client_id"])
         if "dpop" not in params:
             raise InvalidDPoPProof("A DPoP proof is required")
-        proof = self.verify_request_proof(params["dpop"], "token", now)
+        proof = self.verify_request_proof(params["dpop"], "token", now, source)
         return handler.handle(self, p, proof, now)
 
-    def revoke(self, params: dict[str, Any], now: float) -> dict[str, Any]:
+    def revoke(self, params: dict[str, Any], now: float, source: str = "") -> dict[str, Any]:
         p = _string_params(params, ("token", "token_type_hint", "client_id"), ("token", "client_id"))
         self.require_client(p["client_id"])
-        proof = self.verify_request_proof(params["dpop"], "revoke", now) if "dpop" in params else None
+        proof = self.verify_request_proof(params["dpop"], "revoke", now, source) if "dpop" in params else None
         if not self._revoke_refresh(p, proof, now):
             self._revoke_access(p, proof, now)
         return {}
@@ -288,7 +291,8 @@ class AuthService:
         self.store.remove_client(client_id)
 
     # -- CONNECT (protocol section 6), called by the broker plugin ---------------------------
-    def authorize_connect(self, client_id: str, username: str | None, password: str, now: float) -> ConnectedDevice:
+    def authorize_connect(self, client_id: str, username: str | None, password: str, now: float,
+                          source: str = "") -> ConnectedDevice:
         if not valid_identity(client_id):
             raise ConnectRefused(f"ClientId {client_id[:80]!r} is not a valid client_id")
         if username != client_id:
@@ -307,7 +311,7 @@ class AuthService:
             raise ConnectRefused("token is not DPoP-bound")
         try:
             proof_result = self.dpop.verify(proof, htm="CONNECT", htu=self.settings.audience, now=now,
-                                            access_token=token)
+                                            access_token=token, source=source)
         except OAuthError as exc:
             raise ConnectRefused(f"CONNECT proof refused: {exc.detail}") from None
         if proof_result.jkt != claims.jkt:

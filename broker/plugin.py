@@ -76,7 +76,8 @@ class IotAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):
             session.attributes[ATTR] = SessionInfo("bootstrap", bootstrap_acl(prefix))
             metrics.CONNECTS.labels(outcome="bootstrap").inc()
             return True
-        device = gate.service.authorize_connect(client_id, session.username, session.password, gate.clock.now())
+        device = gate.service.authorize_connect(client_id, session.username, session.password, gate.clock.now(),
+                                                source=session.remote_address or "")
         acl = compile_acl(device.scopes, gate.service.settings.scopes, client_id=device.client_id,
                           sub=device.sub, prefix=prefix)
         if session.will_flag and not acl.can_publish(session.will_topic or ""):
@@ -122,7 +123,9 @@ class IotAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):
             return
         try:
             retain = bool(message.publish_packet and message.publish_packet.retain_flag)
-            await gate.api.on_request(message.topic, bytes(message.data or b""), retain)
+            session = self.context.get_session(client_id)
+            source = (session.remote_address if session is not None else None) or ""
+            await gate.api.on_request(message.topic, bytes(message.data or b""), retain, source)
         except Exception:
             log.exception("request on %s failed", message.topic)
 

@@ -462,3 +462,19 @@ def test_every_endpoint_refuses_a_proof_for_another_topic(svc, clock, endpoint, 
     with pytest.raises(OAuthError) as exc:
         svc.handle(endpoint, {"client_id": "lamp-1", "dpop": forge(now, htu=wrong), **params}, now)
     assert exc.value.to_wire()["error"] == "invalid_dpop_proof"
+
+
+def test_one_source_filling_its_proof_quota_locks_out_only_itself(svc, clock):
+    svc.dpop.jtis.per_source = 3
+    now = clock.now()
+    flood = [forge(now, key=ECKey.generate_key("P-256", private=True)) for _ in range(4)]
+    for proof in flood[:3]:
+        svc.verify_request_proof(proof, "token", now, "10.0.0.66")
+    assert outcome(lambda: svc.verify_request_proof(flood[3], "token", now, "10.0.0.66")) \
+        == "temporarily_unavailable"
+    assert outcome(lambda: svc.verify_request_proof(forge(now), "token", now, "10.0.0.7")) == "accepted"
+    clock.advance(svc.dpop.jtis.retention + 1)  # the flooder's entries expire; so does its lock-out
+    assert outcome(lambda: svc.verify_request_proof(flood[3], "token", clock.now(), "10.0.0.66")) \
+        == "use_dpop_nonce"
+    assert outcome(lambda: svc.verify_request_proof(forge(clock.now()), "token", clock.now(), "10.0.0.66")) \
+        == "accepted"
