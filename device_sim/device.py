@@ -40,6 +40,7 @@ from device_sim.errors import (
     DeviceStopped,
     PairingError,
     RequestTimeout,
+    ServiceBusy,
     ServiceError,
     StateError,
 )
@@ -95,7 +96,7 @@ REFRESH_RETRY = 10.0  # seconds between refresh attempts after a timeout
 MAX_WAIT_SLICE = 1.0  # the serve loop looks at the (possibly injected) clock at least this often
 
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 section 3.3
-_TRANSIENT = (RequestTimeout, TimeoutError, OSError)
+_TRANSIENT = (RequestTimeout, TimeoutError, OSError, ServiceBusy)
 
 
 # -- the device -----------------------------------------------------------------
@@ -312,6 +313,8 @@ class Device:
             response = self._requester().request(
                 DEVICE_AUTHORIZATION, {"client_id": self.client_id, "scope": self.scope},
                 proof=self._request_proof)
+        except ServiceBusy:
+            raise  # transient: the caller retries after a pause
         except ServiceError as exc:
             raise PairingError(exc.error, f"device authorization refused: {exc}") from None
         code = parse_device_authorization(response)
@@ -605,15 +608,15 @@ class Device:
     def _refresh_connected(self) -> str:
         try:
             self.refresh()
+        except _TRANSIENT as exc:  # before ServiceError: ServiceBusy is one, and is worth a retry
+            self._auth_channel_ok = False  # a half-open connection, perhaps: retry over a bootstrap session
+            self._emit(ev.ERROR, message=f"refresh failed: {exc}", retry_in=REFRESH_RETRY)
+            return "retry"
         except ServiceError as exc:
             if exc.error != "invalid_grant":
                 raise
             self.disconnect("grant_lost")
             return "grant_lost"
-        except _TRANSIENT as exc:
-            self._auth_channel_ok = False  # a half-open connection, perhaps: retry over a bootstrap session
-            self._emit(ev.ERROR, message=f"refresh failed: {exc}", retry_in=REFRESH_RETRY)
-            return "retry"
         self.disconnect("refresh")
         return "refreshed"
 

@@ -32,6 +32,12 @@ class ServiceError(DeviceSimError):
         super().__init__(f"{self.error}: {self.description}" if self.description else self.error)
 
 
+class ServiceBusy(ServiceError):
+    """`temporarily_unavailable` or `server_error`: the service may answer later; retry after a pause."""
+
+    ERRORS = frozenset({"temporarily_unavailable", "server_error"})
+
+
 class ProtocolViolation(DeviceSimError):
     """A response that does not have the shape protocol section 3 promises."""
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from device_sim.errors import RequestTimeout, ServiceError
+from device_sim.errors import RequestTimeout, ServiceBusy, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -160,5 +160,5 @@ class Requester:
         if response.get("error") == USE_DPOP_NONCE and proof is not None:
             response = self.call(endpoint, params, proof=proof, timeout=timeout)
         if "error" in response:
-            raise ServiceError(response)
+            raise (ServiceBusy if response.get("error") in ServiceBusy.ERRORS else ServiceError)(response)
         return response

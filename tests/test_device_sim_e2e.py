@@ -291,3 +291,17 @@ def test_sealed_state_file_holds_neither_the_refresh_token_nor_the_private_key_i
     for name in ("refresh_token", "private_jwk", '"d"'):
         assert name not in text
     assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+
+
+def test_device_waits_out_a_busy_service_and_then_pairs(quick, make_device):
+    jtis = quick.service.dpop.jtis
+    quick.call(setattr, jtis, "per_source", 0)  # every proof from loopback: temporarily_unavailable
+    thermo, events = make_device("thermo-1")
+    thermo.start()
+    busy = events.wait_for("error", WAIT)
+    assert "temporarily_unavailable" in busy.data["message"] and busy.data["retry_in"] > 0
+    quick.call(setattr, jtis, "per_source", 5000)
+    shown = events.wait_for("code_shown", 3 * WAIT)
+    quick.approve(shown.data["user_code"])
+    assert events.wait_for("connected", WAIT)
+    assert thermo.error is None

@@ -688,3 +688,15 @@ def test_every_event_has_a_human_line() -> None:
         line = cli.describe(DeviceEvent(name, data))
         assert line and "\n" not in line and not line.startswith(name + " {")
     assert "not authorized" in cli.describe(DeviceEvent(events.REFUSED, samples[events.REFUSED]))
+
+
+@pytest.mark.parametrize(("error", "busy"), [("temporarily_unavailable", True), ("server_error", True),
+                                             ("invalid_grant", False), ("access_denied", False)])
+def test_busy_service_errors_are_told_apart_so_the_device_retries_them(error: str, busy: bool) -> None:
+    from device_sim.errors import ServiceBusy, ServiceError
+
+    requester = make_requester(FakeResponder([{"error": error, "error_description": "d"}]))
+    with pytest.raises(ServiceError) as raised:
+        requester.request("token", {"grant_type": "refresh_token"})
+    assert isinstance(raised.value, ServiceBusy) is busy
+    assert raised.value.error == error
