@@ -104,9 +104,14 @@ def _nonempty(v: Any) -> str | None:
 
 
 def _prefix(v: Any) -> str | None:
-    if not v or v.startswith(("$", "/")) or v.endswith("/") or any(c in v for c in "+#\0"):
-        return "must be a plain topic prefix without wildcards, leading '$' or '/', e.g. 'oauth/v1'"
+    if not v or v.startswith("$") or "" in v.split("/") or any(c in v for c in "+#\0"):
+        return "must be a plain topic prefix without wildcards, empty levels or a leading '$', e.g. 'oauth/v1'"
     return None
+
+
+def _packet_size(v: Any) -> str | None:
+    # at least room for a CONNECT carrying a token and its proof; at most MQTT's own limit
+    return None if 4096 <= v <= 268_435_455 else "must be between 4096 and 268435455 bytes"
 
 
 _KEYS: dict[tuple[str, str], tuple[str, type | tuple[type, ...], Any]] = {
@@ -117,8 +122,8 @@ _KEYS: dict[tuple[str, str], tuple[str, type | tuple[type, ...], Any]] = {
     ("mqtt", "port"): ("mqtt_port", int, _port),
     ("mqtt", "audience"): ("audience", str, _nonempty),
     ("mqtt", "topic_prefix"): ("prefix", str, _prefix),
-    ("mqtt", "max_packet_size"): ("max_packet_size", int, _positive),
-    ("mqtt", "max_request_size"): ("max_request_size", int, _positive),
+    ("mqtt", "max_packet_size"): ("max_packet_size", int, _packet_size),
+    ("mqtt", "max_request_size"): ("max_request_size", int, _packet_size),
     ("mqtt", "connect_timeout"): ("connect_timeout", (int, float), _positive),
     ("tokens", "access_ttl"): ("access_ttl", int, _access_ttl),
     ("tokens", "refresh_ttl_days"): ("refresh_ttl", int, _positive),
@@ -190,6 +195,8 @@ def load_settings(data_dir: Path | None = None) -> Settings:
     _apply(values, defaults, "config/default.toml")
     scopes_raw: dict[str, Any] = dict(defaults.get("scopes", {}))
     override = data_dir / OVERRIDE_FILE
+    if override.exists() and not override.is_file():
+        raise ConfigError(f"{override}: not a file")
     if override.is_file():
         try:
             text = override.read_text(encoding="utf-8")
@@ -207,6 +214,10 @@ def load_settings(data_dir: Path | None = None) -> Settings:
     _env_overrides(values)
     try:
         scopes = parse_scope_catalogue(scopes_raw, source, prefix=values.get("prefix", "oauth/v1"))
-    except ACLConfigError as exc:
-        raise ConfigError(str(exc)) from None
-    return Settings(data_dir=data_dir, scopes=scopes, **values)
+    except (ACLConfigError, ValueError) as exc:
+        raise ConfigError(str(exc) if isinstance(exc, ACLConfigError) else f"{source}: {exc}") from None
+    settings = Settings(data_dir=data_dir, scopes=scopes, **values)
+    if settings.max_request_size > settings.max_packet_size:
+        raise ConfigError(f"{source}: mqtt.max_request_size = {settings.max_request_size} exceeds "
+                          f"mqtt.max_packet_size = {settings.max_packet_size}")
+    return settings

@@ -62,11 +62,15 @@ def open_service(settings: Settings) -> AuthService:
     except StoreError as exc:
         raise DataDirError(str(exc)) from None
     try:
-        key, _ = load_master_key(settings.data_dir)
-        keyring = KeyRing(store, Sealer(key), settings.access_ttl)
+        key, source = load_master_key(settings.data_dir)
     except SealError as exc:
         store.close()
         raise DataDirError(f"{settings.data_dir}: {exc}") from None
+    try:
+        keyring = KeyRing(store, Sealer(key), settings.access_ttl)
+    except SealError as exc:
+        store.close()
+        raise DataDirError(f"{settings.data_dir}: {exc} (master key from {source})") from None
     if not keyring.verification_keys():
         store.close()
         raise DataDirError(f"{settings.db_path}: no signing key; run `iotauth init --force`")

@@ -54,6 +54,8 @@ def load_master_key(data_dir: Path, *, create: bool = False) -> tuple[bytes, str
         return key, f"the {MASTER_KEY_ENV} environment variable"
     path = master_key_file(data_dir)
     if path.exists():
+        if path.stat().st_mode & 0o077:
+            raise SealError(f"{path}: the master key file is readable by other users; run `chmod 600 {path}`")
         try:
             key = b64u_decode(path.read_text(encoding="ascii").strip())
         except (ValueError, OSError):  # binascii.Error and UnicodeDecodeError are ValueErrors

@@ -82,6 +82,13 @@ BAD_FILES: list[Any] = [
     ("scope with an unknown key", SCOPE + "publish = []\npublsh = []\n",
      "scopes.\"read:humidity\".publsh is not a known key"),
     ("scope without publish", SCOPE, "scopes.\"read:humidity\".publish is missing"),
+    ("topic prefix with an empty level", '[mqtt]\ntopic_prefix = "oauth//v1"\n',
+     "mqtt.topic_prefix = 'oauth//v1' must be a plain topic prefix without wildcards, empty levels"),
+    ("topic prefix with a leading slash", '[mqtt]\ntopic_prefix = "/oauth"\n', "mqtt.topic_prefix = '/oauth' must"),
+    ("packet size too small for a CONNECT", "[mqtt]\nmax_packet_size = 10\n",
+     "mqtt.max_packet_size = 10 must be between 4096 and 268435455 bytes"),
+    ("request limit above the packet limit", "[mqtt]\nmax_request_size = 70000\n",
+     "mqtt.max_request_size = 70000 exceeds mqtt.max_packet_size = 65536"),
 ]
 
 
@@ -241,6 +248,8 @@ def test_wrong_master_key_is_a_clear_error_at_open(data_dir, monkeypatch, key, r
         open_service(load_settings(data_dir))
     message = str(exc.value)
     assert reason in message and "\n" not in message
+    if reason == "wrong master key":
+        assert message.endswith("(master key from the IOTAUTH_MASTER_KEY environment variable)")
     line = one_line_failure(runner.invoke(app, ["clients", "list", "--data-dir", str(data_dir)],
                                           env={"IOTAUTH_MASTER_KEY": key}))
     assert reason in line
@@ -261,7 +270,23 @@ def test_missing_master_key_file_is_a_clear_error(data_dir):
 
 @pytest.mark.parametrize("content", [b"abcde\n", "é\n".encode()], ids=["bad base64", "non-ASCII"])
 def test_damaged_master_key_file_is_a_clear_error(data_dir, content):
-    (data_dir.parent / f"{data_dir.name}.masterkey").write_bytes(content)
-    with pytest.raises(DataDirError):
+    path = data_dir.parent / f"{data_dir.name}.masterkey"
+    path.write_bytes(content)
+    with pytest.raises(DataDirError, match="not a 32-byte base64url master key"):
         open_service(load_settings(data_dir))
 
+
+def test_master_key_file_readable_by_others_is_refused(data_dir):
+    path = data_dir.parent / f"{data_dir.name}.masterkey"
+    path.chmod(0o644)
+    with pytest.raises(DataDirError) as exc:
+        open_service(load_settings(data_dir))
+    assert str(exc.value) == (f"{data_dir}: {path}: the master key file is readable by other users; "
+                              f"run `chmod 600 {path}`")
+
+
+def test_an_override_that_is_not_a_file_is_refused(tmp_path):
+    (tmp_path / "iotauth.toml").mkdir(parents=True)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(tmp_path)
+    assert str(exc.value) == f"{tmp_path / 'iotauth.toml'}: not a file"
