@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,6 @@ test: $(STAMP)  ## the whole suite, browser tests included (soak runs excluded)
 
 test-all: $(STAMP)  ## also the long soak and fuzz runs
 	$(VENV)/bin/python -m pytest -q -m "soak or not soak"
-
-bench: $(STAMP)
-	$(VENV)/bin/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -34,6 +34,8 @@ _global: dict[str, Path | None] = {"data_dir": None}
 @app.callback()
 def _main(data_dir: DataDir = None) -> None:
     _global["data_dir"] = data_dir
+    # one-shot commands report in their own words; the service's log lines are for `serve` and `demo`
+    logging.getLogger("iotauth").addHandler(logging.NullHandler())
 
 
 def fail(message: str) -> None:

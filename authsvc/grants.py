@@ -43,7 +43,12 @@ def device_code_grant(svc: AuthService, params: dict[str, str], proof: Proof, no
         assert code.sub is not None
         grant = svc.store.add_grant(code.client_id, code.sub, code.scope, proof.jkt, now)
         refresh = svc.new_refresh_token(grant.grant_id, proof.jkt, code.scope, now)
-        return svc.token_response(grant, code.scope, now, refresh)
+        response = svc.token_response(grant, code.scope, now, refresh)
+    # One device, one grant: a new pairing replaces the old one, whose key may be gone or stolen.
+    for old in svc.store.live_grants(code.client_id):
+        if old.grant_id != grant.grant_id:
+            svc.revoke_grant(old.grant_id, "replaced by a new pairing", now)
+    return response
 
 
 def narrowed_scope(granted: str, requested: str | None) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -79,6 +81,7 @@ def test_metadata_names_the_mqtt_topics_and_audience(server):
     assert meta["mqtt_revoke_topic"] == "oauth/v1/revoke"
     assert meta["mqtt_jwks_topic"] == "oauth/v1/jwks"
     assert meta["mqtt_broker_audience"] == AUDIENCE
+    assert meta["response_types_supported"] == []  # REQUIRED by RFC 8414; no authorization endpoint
 
 
 def test_jwks_is_retained_on_the_jwks_topic(server):
@@ -152,8 +155,10 @@ def test_cli_revoke_disconnects_live_session(server):
     thermo, tokens = paired(server, "thermo-1")
     s = thermo.session(tokens["access_token"])
     assert s.connack == 0
-    result = runner.invoke(app, ["revoke", "--client", "thermo-1", "--data-dir", str(server.settings.data_dir)])
-    assert result.exit_code == 0, result.output
+    result = subprocess.run([sys.executable, "-m", "authsvc", "revoke", "--client", "thermo-1", "--data-dir",
+                             str(server.settings.data_dir)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout.strip(), result.stderr) == ("revoked 1 grant(s) of thermo-1", "")  # no stray log lines
     assert s.disconnected.wait(1.5), "session still open after revoke"
     assert thermo.refresh(tokens["refresh_token"])["error"] == "invalid_grant"
     assert thermo.session(tokens["access_token"]).connack == 5
@@ -227,3 +232,13 @@ def test_no_will_when_the_server_closes_a_revoked_session(server):
     server.call(server.service.revoke_client, "thermo-1", server.clock.now())
     assert t.disconnected.wait(2)
     assert p.wait_for(lambda: b"will" in p.received("home/thermo-1/temperature"), timeout=1.0) is False
+
+
+def test_pairing_again_replaces_the_previous_grant(server):
+    old_dev, old_tokens = paired(server, "thermo-1")
+    old_session = old_dev.session(old_tokens["access_token"])
+    new_dev, new_tokens = paired(server, "thermo-1")  # e.g. after a factory reset: a new key
+    assert old_session.disconnected.wait(2)
+    assert old_dev.refresh(old_tokens["refresh_token"])["error"] == "invalid_grant"
+    assert new_dev.refresh(new_tokens["refresh_token"])["token_type"] == "DPoP"
+    assert [g.client_id for g in server.call(server.service.store.live_grants)] == ["thermo-1"]

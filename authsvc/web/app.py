@@ -29,6 +29,8 @@ def metadata_document(service: AuthService) -> dict[str, object]:
     return {
         "issuer": s.issuer,
         "jwks_uri": f"{s.issuer}/.well-known/jwks.json",
+        # RFC 8414 requires this list; there is no authorization endpoint, so no response_type is supported
+        "response_types_supported": [],
         "grant_types_supported": ["urn:ietf:params:oauth:grant-type:device_code", "refresh_token"],
         "token_endpoint_auth_methods_supported": ["none"],
         "scopes_supported": sorted(s.scopes),
