@@ -181,7 +181,7 @@ class JtiMemory:
 
     def _purge(self, now: float) -> None:
         while self._seen:
-            key, (until, source) = next(iter(self._seen.items()))
+            until, source = next(iter(self._seen.values()))
             if until > now:
                 break
             self._seen.popitem(last=False)

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import secrets
 
-from authsvc.keys import (SigningKey, Sealer, jwks_document, new_signing_key, open_signing_key,
-                          seal_signing_key)
+from authsvc.keys import (
+    Sealer,
+    SigningKey,
+    jwks_document,
+    new_signing_key,
+    open_signing_key,
+    seal_signing_key,
+)
 from authsvc.store import Store
 
 SECRET_NAMES = ("refresh_hmac", "device_code_hmac", "dpop_nonce", "web_session")

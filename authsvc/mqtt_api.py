@@ -13,9 +13,9 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from authsvc import metrics
 from authsvc.clock import Clock
 from authsvc.errors import InvalidRequest, OAuthError, ServerError, TemporarilyUnavailable
-from authsvc import metrics
 from authsvc.service import ENDPOINTS, AuthService
 
 log = logging.getLogger("iotauth.mqtt_api")

@@ -17,9 +17,19 @@ from typing import Any
 from authsvc import device_flow
 from authsvc.config import Settings
 from authsvc.dpop import DPoPVerifier, NonceIssuer, Proof
-from authsvc.errors import (ExpiredUserCode, InvalidClient, InvalidDPoPProof, InvalidGrant, InvalidRequest,
-                            InvalidScope, OAuthError, RegistrationError, UnknownUserCode, UnsupportedGrantType,
-                            UsedUserCode)
+from authsvc.errors import (
+    ExpiredUserCode,
+    InvalidClient,
+    InvalidDPoPProof,
+    InvalidGrant,
+    InvalidRequest,
+    InvalidScope,
+    OAuthError,
+    RegistrationError,
+    UnknownUserCode,
+    UnsupportedGrantType,
+    UsedUserCode,
+)
 from authsvc.grants import GRANTS
 from authsvc.keyring import KeyRing
 from authsvc.keys import keyed_hash

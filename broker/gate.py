@@ -95,7 +95,7 @@ class Gate:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), SWEEP_SECONDS)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             try:

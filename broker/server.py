@@ -133,7 +133,7 @@ class HardenedBroker(Broker):
         try:
             handler, session = await asyncio.wait_for(
                 KeepAliveHandler.init_from_connect(reader, writer, self.plugins_manager), self.connect_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("no CONNECT from %s:%s within %.0f s; closing", remote_address, remote_port,
                         self.connect_timeout)
             await writer.close()

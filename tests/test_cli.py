@@ -43,8 +43,8 @@ def test_init_creates_a_private_data_dir_and_refuses_to_clobber(tmp_path):
     assert stat.S_IMODE((tmp_path / "data.masterkey").stat().st_mode) == 0o600
     again = iotauth("init", data_dir=data)
     assert again.exit_code == 1
-    assert again.output.strip().splitlines() == [f"error: {data} already holds an iotauth database; "
-                                                 "use --force to start over"]
+    assert again.output.strip().splitlines() == [
+        f"error: {data} already holds an iotauth database; use --force to start over"]
     forced = iotauth("init", "--force", data_dir=data, env={"IOTAUTH_ADMIN_PASSWORD": "pw"})
     assert forced.exit_code == 0 and "IOTAUTH_ADMIN_PASSWORD" in forced.output
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 
-
 from authsvc import demo
 from authsvc.config import load_settings
 

@@ -43,13 +43,13 @@ def error_codes() -> set[str]:
 
 
 def section(title_start: str) -> str:
-    match = re.search(rf"^## {re.escape(title_start)}.*?(?=^## |\Z)", DOC, re.M | re.S)
+    match = re.search(rf"^## {re.escape(title_start)}.*?(?=^## |\Z)", DOC, re.MULTILINE | re.DOTALL)
     assert match, f"docs/protocol.md has no section starting {title_start!r}"
     return match.group(0)
 
 
 def json_blocks() -> list[str]:
-    return re.findall(r"```json\n(.*?)```", DOC, re.S)
+    return re.findall(r"```json\n(.*?)```", DOC, re.DOTALL)
 
 
 def test_error_codes_are_found_in_code():
@@ -57,7 +57,7 @@ def test_error_codes_are_found_in_code():
 
 
 def test_doc_error_table_lists_exactly_the_codes_the_service_defines():
-    rows = [r for r in re.findall(r"^\| `([a-z_]+)` \|", section("9. Errors"), re.M) if r != "error"]
+    rows = [r for r in re.findall(r"^\| `([a-z_]+)` \|", section("9. Errors"), re.MULTILINE) if r != "error"]
     assert sorted(rows) == sorted(error_codes())
     assert len(rows) == len(set(rows))
 
@@ -85,7 +85,7 @@ def test_every_mqtt_metadata_extension_field_is_named():
 
 def test_scope_table_matches_the_shipped_catalogue():
     table = section("8. Topic ACLs")
-    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([^`]+)` \|.*$", table, re.M)}
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([^`]+)` \|.*$", table, re.MULTILINE)}
     assert set(rows) == set(DEFAULTS["scopes"])
     for name, scope in DEFAULTS["scopes"].items():
         cells = [c.strip() for c in rows[name].strip("|").split("|")]
@@ -116,7 +116,7 @@ def test_limits_and_timers_match_the_defaults():
 
 @pytest.mark.parametrize("code", [0, 2, 5])
 def test_connack_codes_are_explained(code):
-    assert re.search(rf"^\| {code} \| \w", section("6. CONNECT"), re.M)
+    assert re.search(rf"^\| {code} \| \w", section("6. CONNECT"), re.MULTILINE)
 
 
 def test_dpop_claims_and_connect_credentials_are_named():

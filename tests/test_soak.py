@@ -9,7 +9,9 @@ import time
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from tests.wire import Device
 
@@ -52,7 +54,7 @@ def test_pair_connect_refresh_revoke_cycles_leave_nothing_behind(server, rounds)
         if round_no == 0:
             fds_before = open_fds()
     assert server.call(lambda: len(server.run.gate._devices)) == 0
-    connected = lambda: server.call(lambda: [c for c, (s, _) in server.run.broker.sessions.items()  # noqa: E731
+    connected = lambda: server.call(lambda: [c for c, (s, _) in server.run.broker.sessions.items()
                                              if s.transitions.is_connected()])
     assert eventually(lambda: connected() == []), connected()
     assert server.call(lambda: len(server.service.dpop.jtis)) <= 5  # only the last round's five proofs

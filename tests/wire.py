@@ -48,7 +48,7 @@ def make_proof(key: ECKey, htm: str, htu: str, *, iat: float, nonce: str | None 
 
 def decode_jwt(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     head, body, _ = token.split(".")
-    pad = lambda s: s + "=" * (-len(s) % 4)  # noqa: E731
+    pad = lambda s: s + "=" * (-len(s) % 4)
     return json.loads(base64.urlsafe_b64decode(pad(head))), json.loads(base64.urlsafe_b64decode(pad(body)))
 
 
