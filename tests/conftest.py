@@ -14,7 +14,8 @@ import pytest
 
 from authsvc.clock import FakeClock
 from authsvc.config import Settings, load_settings
-from authsvc.datadir import init_data_dir
+from authsvc.datadir import init_data_dir, open_service
+from authsvc.errors import OAuthError
 from authsvc.runtime import Running, running
 
 ADMIN_PASSWORD = "correct horse battery staple"
@@ -126,10 +127,37 @@ class ServerThread:
         self.thread.join(15)
 
 
-@pytest.fixture
-def server(settings: Settings, clock: FakeClock) -> Iterator[ServerThread]:
+def start_server(settings: Settings, clock: FakeClock, config: str = "") -> ServerThread:
+    """The real server with the test devices registered; `config` is written to <data dir>/iotauth.toml."""
+    if config:
+        (settings.data_dir / "iotauth.toml").write_text(config)
+        settings = load_settings(settings.data_dir).with_ports(mqtt_port=0, http_port=0)
     srv = ServerThread(settings, clock).start()
     for client_id, (scope, name) in DEVICES.items():
         srv.register(client_id, scope, name)
+    return srv
+
+
+@pytest.fixture
+def server(settings: Settings, clock: FakeClock) -> Iterator[ServerThread]:
+    srv = start_server(settings, clock)
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def svc(settings: Settings, clock: FakeClock) -> Iterator[Any]:
+    """The real service on a real data dir, no transports, with the test devices registered."""
+    service = open_service(settings)
+    for client_id, (scope, name) in DEVICES.items():
+        service.register_client(client_id, scope, name, clock.now())
+    yield service
+    service.store.close()
+
+
+def wire_reply(service: Any, endpoint: str, params: dict[str, Any], now: float) -> dict[str, Any]:
+    """The service's answer as the wire sees it: the success body or the error object."""
+    try:
+        return service.handle(endpoint, params, now)
+    except OAuthError as exc:
+        return exc.to_wire()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import DEVICES, ServerThread
+from tests.conftest import start_server
 from tests.wire import Device, Mqtt
 
 
@@ -36,12 +36,7 @@ def closed_within(sock: socket.socket, seconds: float) -> float | None:
 
 @pytest.fixture
 def quick_server(settings, clock):
-    (settings.data_dir / "iotauth.toml").write_text("[mqtt]\nconnect_timeout = 1\n")
-    from authsvc.config import load_settings
-
-    srv = ServerThread(load_settings(settings.data_dir).with_ports(mqtt_port=0, http_port=0), clock).start()
-    for client_id, (scope, name) in DEVICES.items():
-        srv.register(client_id, scope, name)
+    srv = start_server(settings, clock, "[mqtt]\nconnect_timeout = 1\n")
     yield srv
     srv.stop()
 

@@ -12,32 +12,15 @@ import pytest
 from joserfc.jwk import ECKey
 
 from authsvc import device_flow
-from authsvc.datadir import open_service
-from authsvc.errors import ExpiredUserCode, OAuthError, UnknownUserCode, UsedUserCode
+from authsvc.errors import ExpiredUserCode, UnknownUserCode, UsedUserCode
 from authsvc.grants import DEVICE_CODE_GRANT
 from authsvc.service import AuthService
+from tests.conftest import wire_reply as call
 from tests.wire import decode_jwt, make_proof
 
 KEY = ECKey.generate_key("P-256", private=True)
 OTHER = ECKey.generate_key("P-256", private=True)
 USER_CODE = re.compile(r"[ABCDEFGHJKLMNPQRSTUVWXYZ]{3}[2-9]{3}")  # no I, O, 0, 1
-
-
-@pytest.fixture
-def svc(settings: Any, clock: Any) -> Any:
-    service = open_service(settings)
-    for client_id in ("lamp-1", "lamp-2"):
-        service.register_client(client_id, "device:power", None, clock.now())
-    service.register_client("thermo-1", "write:temperature device:power", None, clock.now())
-    yield service
-    service.store.close()
-
-
-def call(svc: AuthService, endpoint: str, params: dict[str, Any], now: float) -> dict[str, Any]:
-    try:
-        return svc.handle(endpoint, params, now)
-    except OAuthError as exc:
-        return exc.to_wire()
 
 
 def outcome(reply: dict[str, Any]) -> str:

@@ -18,14 +18,13 @@ from typing import Any
 
 import pytest
 
-from authsvc.config import load_settings
 from authsvc.dpop import jwk_thumbprint as server_thumbprint
 from device_sim.device import Device
 from device_sim.errors import DeviceSimError
 from device_sim.events import DeviceEvent, EventRecorder
 from device_sim.flow import DEVICE_CODE_GRANT, REFRESH_GRANT
 from device_sim.sealed_state import SealedStore
-from tests.conftest import DEVICES, ServerThread
+from tests.conftest import DEVICES, ServerThread, start_server
 from tests.wire import decode_jwt
 
 WAIT = 10.0  # seconds: generous upper bound for one step; a passing step takes about one poll interval
@@ -37,10 +36,7 @@ THERMO_POWER_SET = "home/thermo-1/power/set"
 @pytest.fixture
 def quick(settings, clock) -> Iterator[ServerThread]:
     """The real server, polling every second instead of five."""
-    (settings.data_dir / "iotauth.toml").write_text("[tokens]\npoll_interval = 1\n")
-    srv = ServerThread(load_settings(settings.data_dir).with_ports(mqtt_port=0, http_port=0), clock).start()
-    for client_id, (scope, name) in DEVICES.items():
-        srv.register(client_id, scope, name)
+    srv = start_server(settings, clock, "[tokens]\npoll_interval = 1\n")
     yield srv
     srv.stop()
 

@@ -79,13 +79,6 @@ def outcome(fn: Callable[[], Any]) -> str:
     return "accepted"
 
 
-@pytest.fixture
-def svc(settings: Any) -> Any:
-    service = open_service(settings)
-    yield service
-    service.store.close()
-
-
 @pytest.fixture(scope="module")
 def shared(initialised: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One real service for the stateless tables, on a copy of the initialised data dir."""
@@ -343,7 +336,6 @@ def test_jti_memory_keeps_entries_at_least_ten_minutes(svc):
 # -- one jti memory for the broker (CONNECT) and the service (requests) --------------------------------
 
 def paired(svc: AuthService, now: float, key: ECKey = KEY) -> dict[str, Any]:
-    svc.register_client("lamp-1", "device:power", "Desk lamp", now)
     auth = svc.handle("device_authorization", {"client_id": "lamp-1"}, now)
     svc.decide(auth["user_code"], "alice", True, now)
     return svc.handle("token", {"grant_type": DEVICE_CODE_GRANT, "device_code": auth["device_code"],
@@ -457,7 +449,7 @@ def test_rfc9449_ath_vector():
 ])
 def test_every_endpoint_refuses_a_proof_for_another_topic(svc, clock, endpoint, params):
     now = clock.now()
-    svc.register_client("lamp-1", "device:power", None, now)
+
     wrong = "oauth/v1/revoke" if endpoint != "revoke" else TOKEN_TOPIC
     with pytest.raises(OAuthError) as exc:
         svc.handle(endpoint, {"client_id": "lamp-1", "dpop": forge(now, htu=wrong), **params}, now)

@@ -15,33 +15,16 @@ import pytest
 from joserfc.jwk import ECKey
 
 from authsvc.datadir import open_service
-from authsvc.errors import OAuthError
 from authsvc.grants import DEVICE_CODE_GRANT
 from authsvc.keys import b64u_decode
 from authsvc.service import AuthService, ConnectRefused
+from tests.conftest import wire_reply as call
 from tests.wire import Device, decode_jwt, make_proof
 
 DAY = 86400
 KEY = ECKey.generate_key("P-256", private=True)
 THIEF = ECKey.generate_key("P-256", private=True)
 SCOPE = "write:temperature device:power"
-
-
-@pytest.fixture
-def svc(settings: Any, clock: Any) -> Any:
-    service = open_service(settings)
-    service.register_client("thermo-1", SCOPE, "Living-room thermostat", clock.now())
-    service.register_client("lamp-1", "device:power", "Desk lamp", clock.now())
-    yield service
-    service.store.close()
-
-
-def call(svc: AuthService, endpoint: str, params: dict[str, Any], now: float) -> dict[str, Any]:
-    """The service's answer as the wire sees it: the success body or the error object."""
-    try:
-        return svc.handle(endpoint, params, now)
-    except OAuthError as exc:
-        return exc.to_wire()
 
 
 def token_proof(key: ECKey, now: float) -> str:
