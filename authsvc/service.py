@@ -26,6 +26,7 @@ from authsvc.errors import (
     InvalidScope,
     OAuthError,
     RegistrationError,
+    TemporarilyUnavailable,
     UnknownUserCode,
     UnsupportedGrantType,
     UsedUserCode,
@@ -41,6 +42,7 @@ log = logging.getLogger("iotauth.service")
 
 ENDPOINTS = ("device_authorization", "token", "revoke")
 MAX_PARAM_CHARS = 4096
+MAX_PENDING_CODES = 20  # per client: a device needs one; a flood of requests must not fill the database
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,9 @@ class AuthService:
         scope = self._requested_scope(client, p.get("scope"))
         jkt = self.verify_request_proof(params["dpop"], "device_authorization", now, source).jkt \
             if "dpop" in params else None
+        if self.store.pending_device_codes(client["client_id"], now) >= MAX_PENDING_CODES:
+            raise TemporarilyUnavailable("Too many pairing requests are pending for this client; retry later",
+                                         detail=f"{client['client_id']} has {MAX_PENDING_CODES} pending codes")
         device_code = device_flow.new_device_code()
         s = self.settings
         while True:

@@ -186,7 +186,15 @@ class Store:
         return [dict(r) for r in self.conn.execute("SELECT * FROM clients ORDER BY client_id")]
 
     def remove_client(self, client_id: str) -> bool:
-        return self._write("DELETE FROM clients WHERE client_id = ?", (client_id,)) > 0
+        """The client and every device code it was issued: a pending code must not outlive its client."""
+        with self.transaction():
+            self._write("DELETE FROM device_codes WHERE client_id = ?", (client_id,))
+            return self._write("DELETE FROM clients WHERE client_id = ?", (client_id,)) > 0
+
+    def pending_device_codes(self, client_id: str, now: float) -> int:
+        row = self._one("SELECT COUNT(*) AS n FROM device_codes WHERE client_id = ? AND status = 'pending'"
+                        " AND expires > ?", (client_id, now))
+        return int(row["n"]) if row else 0
 
     # -- keys and secrets ----------------------------------------------------
     def add_signing_key(self, kid: str, sealed: str, created: float) -> None:

@@ -68,11 +68,12 @@ def test_device_authorization_returns_rfc8628_fields_and_protocol_values(svc, cl
 
 def test_user_codes_use_letters_then_digits_without_look_alikes(svc, clock):
     codes = [device_flow.new_user_code() for _ in range(600)]
-    codes += [authorize(svc, clock.now())["user_code"] for _ in range(20)]
+    clients = ["lamp-1", "lamp-2", "thermo-1", "panel-1"]  # at most MAX_PENDING_CODES pending per client
+    codes += [authorize(svc, clock.now(), clients[i % 4])["user_code"] for i in range(20)]
     bad = [c for c in codes if not USER_CODE.fullmatch(c)]
     assert bad == []
     assert set("".join(c[:3] for c in codes)) == set("ABCDEFGHJKLMNPQRSTUVWXYZ")  # the whole alphabet is used
-    device_codes = {authorize(svc, clock.now())["device_code"] for _ in range(20)}
+    device_codes = {authorize(svc, clock.now(), clients[i % 4])["device_code"] for i in range(20)}
     assert len(device_codes) == 20
 
 
@@ -337,3 +338,24 @@ def test_unbound_code_binds_tokens_to_the_token_request_key(svc, clock):
     refresh = {"grant_type": "refresh_token", "refresh_token": reply["refresh_token"], "client_id": "lamp-1"}
     assert call(svc, "token", refresh | {"dpop": proof(KEY, t0 + 2)}, t0 + 2)["error"] == "invalid_grant"
     assert outcome(call(svc, "token", refresh | {"dpop": proof(OTHER, t0 + 2)}, t0 + 2)) == "tokens"
+
+
+def test_removing_a_client_cancels_its_pending_codes(svc, clock):
+    reply = authorize(svc, clock.now())
+    svc.remove_client("lamp-1", clock.now())
+    with pytest.raises(UnknownUserCode):
+        svc.decide(reply["user_code"], "admin", True, clock.now())
+    svc.register_client("lamp-1", "device:power", None, clock.now())  # registered again, maybe narrower
+    assert outcome(poll(svc, reply["device_code"], clock.now())) == "invalid_grant"
+
+
+def test_pending_codes_per_client_are_capped(svc, clock):
+    from authsvc.service import MAX_PENDING_CODES
+
+    for _ in range(MAX_PENDING_CODES):
+        authorize(svc, clock.now())
+    assert call(svc, "device_authorization", {"client_id": "lamp-1"}, clock.now())["error"] \
+        == "temporarily_unavailable"
+    assert "user_code" in call(svc, "device_authorization", {"client_id": "lamp-2"}, clock.now())
+    clock.advance(601)  # the pending ones expire
+    assert "user_code" in call(svc, "device_authorization", {"client_id": "lamp-1"}, clock.now())
