@@ -16,6 +16,10 @@
   a bootstrap session asking for keep-alive 0 gets the bootstrap default instead.
 - `_handle_message_delivery`: a client PUBLISH to a `$` topic is dropped and logged; stock amqtt
   leaves the session half-dead.
+- `_StrictPacket` (installed into amqtt's reader): a packet that does not decode closes the connection;
+  stock amqtt skipped it and parsed the rest of it as further packets.
+- Bootstrap sessions are always clean, so nothing (a reply with a device code) waits for whoever
+  reconnects with the same ClientId.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.protocol import handler as _amqtt_handler
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
@@ -91,7 +96,43 @@ class KeepAliveHandler(BrokerProtocolHandler):
     def handle_read_timeout(self) -> None:
         log.warning("closing %r: silent for longer than 1.5 x its keep-alive",
                     self.session.client_id if self.session else None)
-        asyncio.ensure_future(self.handle_connection_closed())
+        asyncio.ensure_future(close_connection(self))
+
+
+class MalformedPacket(Exception):
+    """A packet that does not decode: MQTT 3.1.1 (4.8) says the server closes the connection."""
+
+
+class _StrictPacket:
+    """Wraps a packet class so a decoding error ends the connection instead of being skipped.
+
+    amqtt's reader logs an MQTTError as "Message discarded" and goes on reading, so the rest of the
+    bad packet (a refused PUBLISH's payload, say) was parsed as further packets. Any other exception
+    ends amqtt's reader loop, which closes the connection."""
+
+    def __init__(self, packet_cls: Any) -> None:
+        self.packet_cls = packet_cls
+
+    async def from_stream(self, reader: Any, fixed_header: Any = None) -> Any:
+        try:
+            return await self.packet_cls.from_stream(reader, fixed_header=fixed_header)
+        except MQTTError as exc:
+            raise MalformedPacket(str(exc)) from exc
+
+
+def _install_strict_packets() -> None:
+    original = _amqtt_handler.packet_class
+    if getattr(original, "iotauth_strict", False):
+        return
+
+    def strict_packet_class(fixed_header: Any) -> Any:
+        return _StrictPacket(original(fixed_header))
+
+    strict_packet_class.iotauth_strict = True  # type: ignore[attr-defined]
+    _amqtt_handler.packet_class = strict_packet_class
+
+
+_install_strict_packets()
 
 
 def read_timeout(keep_alive: int, bootstrap: bool) -> int:
@@ -150,6 +191,8 @@ class HardenedBroker(Broker):
             raise MQTTError(f"CONNECT refused with return code {code}")
         session.attributes[ADMITTED] = True
         meta = info(session)
+        if meta is not None and meta.kind == "bootstrap":
+            session.clean_session = True  # nothing is kept for a password-less session: no queued replies
         session.keep_alive = read_timeout(session.keep_alive, bootstrap=meta is not None and meta.kind == "bootstrap")
 
         previous = self._sessions.get(session.client_id or "")
@@ -211,7 +254,7 @@ class HardenedBroker(Broker):
             queued = session.retained_messages.get_nowait()
             if await self._topic_filtering(session, queued.topic, Action.RECEIVE):
                 tasks.append(asyncio.ensure_future(
-                    handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=True)))
+                    handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)))  # MQTT-3.3.1-9
         if tasks:
             await asyncio.wait(tasks)
 

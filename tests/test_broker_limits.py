@@ -150,6 +150,7 @@ def test_bootstrap_cannot_touch_an_offline_device_session_or_its_queued_messages
     back = thermo.session(tokens["access_token"], clean=False)
     assert back.connack == 0
     assert back.wait_message("home/thermo-1/power/set") == [b"secret-on"]
+    assert back.flags == [("home/thermo-1/power/set", 1, False)]  # queued, not retained (MQTT-3.3.1-9)
 
 
 def test_a_new_session_gets_retained_messages_only_for_its_own_subscriptions(server):
@@ -162,3 +163,38 @@ def test_a_new_session_gets_retained_messages_only_for_its_own_subscriptions(ser
     assert newcomer.subscribe("oauth/v1/reply/AAAAAAAAAAAAAAAAAAAAAAAA") == [1]
     assert newcomer.wait_for(lambda: newcomer.received("oauth/v1/jwks"), timeout=1.0) == []
     assert len(watcher.received("oauth/v1/jwks")) == 1
+
+
+def test_a_packet_that_does_not_decode_closes_the_connection(server):
+    with socket.create_connection(("127.0.0.1", server.mqtt_port)) as sock:
+        sock.sendall(connect_packet("malformed1", keep_alive=30))
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        topic = b"home/+/power/set"  # wildcards are not allowed in a PUBLISH topic
+        body = struct.pack("!H", len(topic)) + topic + b"\x00\x01" + b"\xc0\x00"  # payload: a PINGREQ
+        sock.sendall(bytes([0x32, len(body)]) + body)
+        sock.settimeout(3)
+        assert sock.recv(16) == b""  # closed; the payload was not read as a PINGREQ (no PINGRESP)
+
+
+def test_a_half_sent_packet_is_closed_after_the_keep_alive(server):
+    with socket.create_connection(("127.0.0.1", server.mqtt_port)) as sock:
+        sock.sendall(connect_packet("halfsent1", keep_alive=1))
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        sock.sendall(b"\x30\x64\x00\x0eoauth/v1/token")  # says 100 bytes, sends 18
+        elapsed = closed_within(sock, 6)
+    assert elapsed is not None
+
+
+def test_bootstrap_sessions_keep_nothing_for_a_later_reconnect(server):
+    reply = "oauth/v1/reply/" + "P" * 24
+    first = Mqtt(server.mqtt_port, "persist1", clean=False)
+    assert first.connect() == 0
+    assert first.subscribe(reply) == [1]
+    first.close()
+    other = Device(server.mqtt_port, "thermo-1", server.clock)
+    other.boot.publish("oauth/v1/device_authorization",
+                       json.dumps({"reply_to": reply, "client_id": "thermo-1"}))
+    assert "user_code" in other.request("device_authorization")  # the first reply was sent by now
+    again = Mqtt(server.mqtt_port, "persist1", clean=False)
+    assert again.connect() == 0
+    assert again.wait_for(lambda: again.received(), timeout=1.0) == []

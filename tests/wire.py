@@ -64,6 +64,7 @@ class Mqtt:
         if will is not None:
             self.client.will_set(will[0], will[1], qos=0)
         self.messages: list[tuple[str, bytes]] = []
+        self.flags: list[tuple[str, int, bool]] = []  # (topic, qos, retain) of each delivery
         self.cond = threading.Condition()
         self.connack: int | None = None
         self.disconnected = threading.Event()
@@ -91,6 +92,7 @@ class Mqtt:
     def _on_message(self, c: Any, u: Any, msg: Any) -> None:
         with self.cond:
             self.messages.append((msg.topic, bytes(msg.payload)))
+            self.flags.append((msg.topic, msg.qos, bool(msg.retain)))
             self.cond.notify_all()
 
     def _on_subscribe(self, c: Any, u: Any, mid: int, codes: Any, props: Any = None) -> None:
