@@ -14,7 +14,7 @@ from authsvc.keys import (
 )
 from authsvc.store import Store
 
-SECRET_NAMES = ("refresh_hmac", "device_code_hmac", "dpop_nonce", "web_session")
+SECRET_NAMES = ("refresh_hmac", "device_code_hmac", "web_session")
 
 
 class KeyRing:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import signal
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import IO
 
 import uvicorn
 
@@ -23,6 +25,22 @@ from broker.server import HardenedBroker, bound_port, start_broker
 log = logging.getLogger("iotauth")
 
 MAINTENANCE_SECONDS = 60
+SERVE_BUSY_TIMEOUT = 0.25  # seconds
+
+
+def _lock_data_dir(settings: Settings) -> IO[bytes]:
+    """One `serve` per data dir: replay protection and session control live in the serving process."""
+    path = settings.data_dir / "serve.lock"
+    try:
+        handle = open(path, "ab")  # noqa: SIM115 - held open for the life of the server
+    except OSError as exc:
+        raise OSError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise OSError(f"another iotauth serve is already running on {settings.data_dir}") from None
+    return handle
 
 
 @dataclass
@@ -66,30 +84,33 @@ async def _start_http(service: AuthService, clock: Clock, sock: socket.socket) -
 async def running(settings: Settings, clock: Clock | None = None) -> AsyncIterator[Running]:
     """Start everything on the configured listeners (port 0 picks a free one); stop it all on exit."""
     clock = clock or SystemClock()
-    sock = _bind_http(settings.http_host, settings.http_port)
-    http_port = sock.getsockname()[1]
-    service = open_service(settings.with_ports(http_port=http_port))
-    broker = gate = http = http_task = None
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(_lock_data_dir(settings))
+        sock = stack.enter_context(_bind_http(settings.http_host, settings.http_port))
+        http_port = sock.getsockname()[1]
+        service = open_service(settings.with_ports(http_port=http_port))
+        stack.callback(service.store.close)
+        # The broker and the service share this loop: a write waits at most this long for another process
+        service.store.set_busy_timeout(SERVE_BUSY_TIMEOUT)
         broker, gate = await start_broker(service, clock, settings.mqtt_host, settings.mqtt_port)
+        stack.push_async_callback(_stop_broker, broker, gate)
         http, http_task = await _start_http(service, clock, sock)
+        stack.push_async_callback(_stop_http, http, http_task)
         maintenance = asyncio.create_task(_maintain(service, clock))
-        try:
-            yield Running(service, broker, gate, http, bound_port(broker), http_port)
-        finally:
-            maintenance.cancel()
-    finally:
-        if http is not None and http_task is not None:
-            http.should_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(http_task, 5)
-        sock.close()
-        if gate is not None:
-            await gate.stop()
-        if broker is not None:
-            with contextlib.suppress(Exception):
-                await broker.shutdown()
-        service.store.close()
+        stack.callback(maintenance.cancel)
+        yield Running(service, broker, gate, http, bound_port(broker), http_port)
+
+
+async def _stop_http(http: uvicorn.Server, task: asyncio.Task[None]) -> None:
+    http.should_exit = True
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(task, 5)
+
+
+async def _stop_broker(broker: HardenedBroker, gate: Gate) -> None:
+    await gate.stop()
+    with contextlib.suppress(Exception):
+        await broker.shutdown()
 
 
 async def _maintain(service: AuthService, clock: Clock) -> None:

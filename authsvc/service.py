@@ -94,7 +94,9 @@ class AuthService:
         self.settings = settings
         self.store = store
         self.keys = keys
-        nonces = NonceIssuer(keys.secrets["dpop_nonce"], settings.nonce_step)
+        # A fresh nonce secret per process: the jti memory lives in memory, so after a restart no nonce
+        # (and so no nonce-bearing proof) from before it may be accepted again.
+        nonces = NonceIssuer(secrets.token_bytes(32), settings.nonce_step)
         self.dpop = DPoPVerifier(nonces, algorithms=settings.dpop_algorithms, window=settings.iat_window,
                                  nonce_step=settings.nonce_step, per_source=settings.max_proofs_per_source)
         self.on_revocation: list[Callable[[], None]] = []

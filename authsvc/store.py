@@ -104,6 +104,10 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long a write waits for another process's lock before giving up (then: temporarily_unavailable)."""
+        self.conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+
     def _create_schema(self) -> None:
         t = self.db
         t["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)

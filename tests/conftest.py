@@ -134,7 +134,8 @@ def start_server(settings: Settings, clock: FakeClock, config: str = "") -> Serv
         settings = load_settings(settings.data_dir).with_ports(mqtt_port=0, http_port=0)
     srv = ServerThread(settings, clock).start()
     for client_id, (scope, name) in DEVICES.items():
-        srv.register(client_id, scope, name)
+        if srv.call(srv.service.store.client, client_id) is None:  # a restart finds them registered
+            srv.register(client_id, scope, name)
     return srv
 
 

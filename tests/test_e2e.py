@@ -242,3 +242,43 @@ def test_pairing_again_replaces_the_previous_grant(server):
     assert old_dev.refresh(old_tokens["refresh_token"])["error"] == "invalid_grant"
     assert new_dev.refresh(new_tokens["refresh_token"])["token_type"] == "DPoP"
     assert [g.client_id for g in server.call(server.service.store.live_grants)] == ["thermo-1"]
+
+
+def test_a_second_serve_on_the_same_data_dir_is_refused(server):
+    result = runner.invoke(app, ["serve", "--mqtt-port", "0", "--http-port", "0", "--data-dir",
+                                 str(server.settings.data_dir)])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: another iotauth serve is already running on {server.settings.data_dir}"
+
+
+def test_a_locked_database_gets_temporarily_unavailable_then_recovers(server):
+    import sqlite3
+
+    dev = Device(server.mqtt_port, "thermo-1", server.clock)
+    other = sqlite3.connect(server.settings.db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        assert dev.request("device_authorization")["error"] == "temporarily_unavailable"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert "user_code" in dev.request("device_authorization")
+
+
+def test_nonces_and_proofs_from_before_a_restart_are_not_accepted_after_it(settings, clock):
+    from tests.conftest import start_server
+
+    first = start_server(settings, clock)
+    dev = Device(first.mqtt_port, "thermo-1", clock)
+    nonce = dev.request("device_authorization")["dpop_nonce"]
+    used = dev.proof("device_authorization", nonce=nonce, iat=0)  # a device without a clock
+    assert "user_code" in dev.request("device_authorization", dpop=used)
+    dev.close()
+    first.stop()
+    second = start_server(settings, clock)
+    try:
+        again = Device(second.mqtt_port, "thermo-1", clock)
+        assert again.request("device_authorization", dpop=used)["error"] == "use_dpop_nonce"
+        again.close()
+    finally:
+        second.stop()
