@@ -53,7 +53,10 @@ def known_errors() -> Iterator[None]:
 
 
 def settings_for(data_dir: Path | None) -> Settings:
-    return load_settings(data_dir or _global["data_dir"] or default_data_dir())
+    chosen = data_dir or _global["data_dir"]
+    if chosen is not None and str(chosen).strip() in ("", "."):
+        raise ConfigError("--data-dir (or IOTAUTH_DATA_DIR) is empty: name a directory, e.g. ~/.local/share/iotauth")
+    return load_settings(chosen or default_data_dir())
 
 
 @contextmanager

@@ -166,3 +166,12 @@ def test_serve_on_a_busy_port_is_one_line(tmp_path, listener, busy_option, other
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         f"error: cannot listen for {listener} on 127.0.0.1:{port}: address already in use"]
+
+
+def test_an_empty_data_dir_is_refused_not_taken_as_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["init", "--data-dir", ""], env={"IOTAUTH_ADMIN_PASSWORD": "pw"})
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == ("error: --data-dir (or IOTAUTH_DATA_DIR) is empty: name a directory, "
+                                     "e.g. ~/.local/share/iotauth")
+    assert list(tmp_path.iterdir()) == []
