@@ -51,13 +51,14 @@ def device_code_grant(svc: AuthService, params: dict[str, str], proof: Proof, no
     return response
 
 
-def narrowed_scope(granted: str, requested: str | None) -> str:
+def scope_within(allowed: str, requested: str | None, refusal: str) -> str:
+    """The requested scopes, all of which must be in `allowed` (in allowed's order); none asked: all of them."""
     if requested is None:
-        return granted
+        return allowed
     wanted = requested.split()
-    if not wanted or not set(wanted) <= set(granted.split()):
-        raise InvalidScope("A refresh may narrow the scope, never widen it")
-    return " ".join(s for s in granted.split() if s in wanted)
+    if not wanted or not set(wanted) <= set(allowed.split()):
+        raise InvalidScope(refusal, detail=f"{requested!r} is not within {allowed!r}")
+    return " ".join(s for s in allowed.split() if s in wanted)
 
 
 def refresh_token_grant(svc: AuthService, params: dict[str, str], proof: Proof, now: float) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def refresh_token_grant(svc: AuthService, params: dict[str, str], proof: Proof, 
         raise InvalidGrant("The refresh token is bound to another key")
     if grant.revoked is not None:
         raise InvalidGrant(detail=f"grant {grant.grant_id} was revoked")
-    scope = narrowed_scope(token.scope, params.get("scope"))
+    scope = scope_within(token.scope, params.get("scope"), "A refresh may narrow the scope, never widen it")
     if now >= token.expires:
         raise InvalidGrant("The refresh token has expired")
     if token.used is None:

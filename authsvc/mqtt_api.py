@@ -42,7 +42,7 @@ class MqttApi:
     def is_request_topic(self, topic: str) -> bool:
         return topic in self.request_topics
 
-    def parse_envelope(self, topic: str, payload: bytes, retain: bool) -> tuple[str, dict[str, Any]]:
+    def parse_envelope(self, payload: bytes, retain: bool) -> tuple[str, dict[str, Any]]:
         if retain:
             raise Dropped("published with the retain flag")
         if len(payload) > self.service.settings.max_request_size:
@@ -62,7 +62,7 @@ class MqttApi:
     async def on_request(self, topic: str, payload: bytes, retain: bool = False, source: str = "") -> None:
         endpoint = self.request_topics[topic]
         try:
-            reply_to, body = self.parse_envelope(topic, payload, retain)
+            reply_to, body = self.parse_envelope(payload, retain)
         except Dropped as exc:
             metrics.REQUESTS_DROPPED.labels(endpoint=endpoint).inc()
             log.warning("dropped request on %s: %s", topic, exc)

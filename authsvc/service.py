@@ -23,7 +23,6 @@ from authsvc.errors import (
     InvalidDPoPProof,
     InvalidGrant,
     InvalidRequest,
-    InvalidScope,
     OAuthError,
     RegistrationError,
     TemporarilyUnavailable,
@@ -31,7 +30,7 @@ from authsvc.errors import (
     UnsupportedGrantType,
     UsedUserCode,
 )
-from authsvc.grants import GRANTS
+from authsvc.grants import GRANTS, scope_within
 from authsvc.keyring import KeyRing
 from authsvc.keys import keyed_hash
 from authsvc.store import DeviceCode, Grant, RefreshToken, Store
@@ -166,7 +165,8 @@ class AuthService:
     def device_authorization(self, params: dict[str, Any], now: float, source: str = "") -> dict[str, Any]:
         p = _string_params(params, ("client_id", "scope"), ("client_id",))
         client = self.require_client(p["client_id"])
-        scope = self._requested_scope(client, p.get("scope"))
+        scope = scope_within(client["scope"], p.get("scope"),
+                             "The requested scope is not among the scopes registered for this client")
         jkt = self.verify_request_proof(params["dpop"], "device_authorization", now, source).jkt \
             if "dpop" in params else None
         if self.store.pending_device_codes(client["client_id"], now) >= MAX_PENDING_CODES:
@@ -184,15 +184,6 @@ class AuthService:
         return {"device_code": device_code, "user_code": user_code, "verification_uri": s.verification_uri,
                 "verification_uri_complete": f"{s.verification_uri}?user_code={user_code}",
                 "expires_in": s.device_code_ttl, "interval": s.poll_interval}
-
-    def _requested_scope(self, client: dict[str, Any], requested: str | None) -> str:
-        allowed = client["scope"].split()
-        if requested is None:
-            return " ".join(allowed)
-        wanted = requested.split()
-        if not wanted or any(s not in allowed for s in wanted):
-            raise InvalidScope(detail=f"{client['client_id']} asked for {requested!r}, registered {allowed}")
-        return " ".join(dict.fromkeys(wanted))
 
     def token(self, params: dict[str, Any], now: float, source: str = "") -> dict[str, Any]:
         grant_type = params.get("grant_type")

@@ -56,7 +56,7 @@ class Gate:
         self._last_revocation = service.store.last_revocation_id()
         self._task: asyncio.Task[None] | None = None
         self.on_acl_denied: list[Callable[[str | None, str, str], None]] = []  # (client_id, action, topic)
-        service.on_revocation.append(self._wake.set)
+        service.on_revocation.append(self.wake)
 
     def acl_denied(self, client_id: str | None, action: str, topic: str) -> None:
         for observer in self.on_acl_denied:
@@ -80,7 +80,8 @@ class Gate:
         meta = info(session)
         metrics.SESSIONS.labels(kind=meta.kind if meta else "unknown").dec()
 
-    def expire_soon(self, session: Session | None) -> None:
+    def wake(self) -> None:
+        """Sweep now rather than at the next tick (a token was seen expired, or a grant revoked)."""
         self._wake.set()
 
     def start(self) -> None:
