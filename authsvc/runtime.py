@@ -10,7 +10,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 import uvicorn
 
@@ -81,8 +81,11 @@ async def _start_http(service: AuthService, clock: Clock, sock: socket.socket) -
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings, clock: Clock | None = None) -> AsyncIterator[Running]:
-    """Start everything on the configured listeners (port 0 picks a free one); stop it all on exit."""
+async def running(settings: Settings, clock: Clock | None = None,
+                  broker_cls: type[Any] = HardenedBroker) -> AsyncIterator[Running]:
+    """Start everything on the configured listeners (port 0 picks a free one); stop it all on exit.
+
+    `broker_cls` exists for the tests that show each hardening fails on amqtt's stock `Broker`."""
     clock = clock or SystemClock()
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(_lock_data_dir(settings))
@@ -92,7 +95,7 @@ async def running(settings: Settings, clock: Clock | None = None) -> AsyncIterat
         stack.callback(service.store.close)
         # The broker and the service share this loop: a write waits at most this long for another process
         service.store.set_busy_timeout(SERVE_BUSY_TIMEOUT)
-        broker, gate = await start_broker(service, clock, settings.mqtt_host, settings.mqtt_port)
+        broker, gate = await start_broker(service, clock, settings.mqtt_host, settings.mqtt_port, broker_cls)
         stack.push_async_callback(_stop_broker, broker, gate)
         http, http_task = await _start_http(service, clock, sock)
         stack.push_async_callback(_stop_http, http, http_task)

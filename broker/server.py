@@ -274,8 +274,9 @@ class HardenedBroker(Broker):
             await asyncio.wait(tasks)
 
 
-async def start_broker(service: AuthService, clock: Clock, host: str, port: int) -> tuple[HardenedBroker, Gate]:
-    broker = HardenedBroker(broker_config(host, port))
+async def start_broker(service: AuthService, clock: Clock, host: str, port: int,
+                       broker_cls: type[Broker] = HardenedBroker) -> tuple[HardenedBroker, Gate]:
+    broker = broker_cls(broker_config(host, port))
     broker.connect_timeout = service.settings.connect_timeout
     broker.max_packet_size = service.settings.max_packet_size
     plugin = broker.plugins_manager.get_plugin("IotAuthPlugin")

@@ -17,6 +17,7 @@ from authsvc.config import Settings, load_settings
 from authsvc.datadir import init_data_dir, open_service
 from authsvc.errors import OAuthError
 from authsvc.runtime import Running, running
+from broker.server import HardenedBroker
 
 ADMIN_PASSWORD = "correct horse battery staple"
 ENV = ("IOTAUTH_MASTER_KEY", "IOTAUTH_ACCESS_TOKEN_TTL", "IOTAUTH_ADMIN_PASSWORD", "IOTAUTH_DATA_DIR")
@@ -62,8 +63,9 @@ def settings(data_dir: Path) -> Settings:
 class ServerThread:
     """`running()` in its own event loop thread, as `iotauth serve` would run it."""
 
-    def __init__(self, settings: Settings, clock: FakeClock) -> None:
+    def __init__(self, settings: Settings, clock: FakeClock, broker_cls: type[Any] = HardenedBroker) -> None:
         self.settings = settings
+        self.broker_cls = broker_cls
         self.clock = clock
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
@@ -79,7 +81,7 @@ class ServerThread:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         try:
-            async with running(self.settings, self.clock) as run:
+            async with running(self.settings, self.clock, self.broker_cls) as run:
                 self.run = run
                 self.ready.set()
                 await self._stop.wait()
@@ -127,12 +129,15 @@ class ServerThread:
         self.thread.join(15)
 
 
-def start_server(settings: Settings, clock: FakeClock, config: str = "") -> ServerThread:
-    """The real server with the test devices registered; `config` is written to <data dir>/iotauth.toml."""
+def start_server(settings: Settings, clock: FakeClock, config: str = "",
+                 broker_cls: type[Any] = HardenedBroker) -> ServerThread:
+    """The real server with the test devices registered; `config` is written to <data dir>/iotauth.toml.
+
+    `broker_cls=amqtt.broker.Broker` runs the same server on amqtt's stock broker class."""
     if config:
         (settings.data_dir / "iotauth.toml").write_text(config)
         settings = load_settings(settings.data_dir).with_ports(mqtt_port=0, http_port=0)
-    srv = ServerThread(settings, clock).start()
+    srv = ServerThread(settings, clock, broker_cls).start()
     for client_id, (scope, name) in DEVICES.items():
         if srv.call(srv.service.store.client, client_id) is None:  # a restart finds them registered
             srv.register(client_id, scope, name)
