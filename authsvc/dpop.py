@@ -3,6 +3,12 @@
 One `DPoPVerifier` serves both the service and the broker, so they accept the
 same nonces and share one `jti` memory. Every check is a small named function;
 `now` is passed in.
+
+Replay protection has three parts: the `jti` memory keeps each proof until the
+last moment it could still be accepted (and at least 10 minutes); each process
+draws a fresh nonce secret, so no nonce-bearing proof outlives a restart; and a
+`RestartGuard` carries the one remaining gap, proofs without a nonce, across a
+restart (see its docstring).
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import heapq
 import math
-from collections import Counter, OrderedDict
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +31,9 @@ from authsvc.errors import InvalidDPoPProof, TemporarilyUnavailable, UseDPoPNonc
 from authsvc.keys import b64u, b64u_decode
 
 MAX_PROOF_BYTES = 4096
-MAX_JTI_CHARS = 64
+MAX_JTI_CHARS = 64  # protocol.md section 4; bounds what one entry of the jti memory can cost
+MIN_JTI_RETENTION = 600  # protocol.md section 4: the jti memory keeps each entry at least 10 minutes
+JTI_CAPACITY = 200_000  # entries in all (a few hundred bytes each); when full, new proofs are refused
 PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 # algorithm -> (kty, crv) its key must have; asymmetric only
 KEY_TYPES = {"ES256": ("EC", "P-256"), "EdDSA": ("OKP", "Ed25519")}
@@ -153,43 +163,84 @@ class NonceIssuer:
     def current(self, now: float) -> str:
         return self._for_step(int(now // self._step))
 
-    def is_valid(self, nonce: str, now: float) -> bool:
+    def valid_until(self, nonce: str, now: float) -> float | None:
+        """None for an invalid nonce; else the end of its validity: the end of the step after its own."""
         step = int(now // self._step)
-        return any(hmac.compare_digest(nonce.encode(), self._for_step(s).encode()) for s in (step, step - 1))
+        for s in (step, step - 1):
+            if hmac.compare_digest(nonce.encode(), self._for_step(s).encode()):
+                return float((s + 2) * self._step)
+        return None
+
+    def is_valid(self, nonce: str, now: float) -> bool:
+        return self.valid_until(nonce, now) is not None
 
 
-def check_freshness(claims: dict[str, Any], nonces: NonceIssuer, now: float, window: int) -> None:
+def check_freshness(claims: dict[str, Any], nonces: NonceIssuer, now: float, window: int) -> float:
+    """A valid server nonce, or an iat within `window` of now. Returns the last moment the proof is acceptable."""
     nonce = claims.get("nonce")
     if nonce is not None:
-        if not nonces.is_valid(nonce, now):
+        until = nonces.valid_until(nonce, now)
+        if until is None:
             raise UseDPoPNonce("The DPoP nonce is not valid; use the dpop_nonce of this response")
-        return
-    if abs(now - float(claims["iat"])) > window:
+        return until
+    iat = float(claims["iat"])
+    if abs(now - iat) > window:
         raise UseDPoPNonce("The DPoP proof iat is outside the acceptance window; use the dpop_nonce")
+    return iat + window
+
+
+class RestartGuard:
+    """Replay of a proof without a nonce across a restart of the server (protocol.md section 4).
+
+    The jti memory lives in the serving process, and each process draws a fresh nonce secret, so a
+    nonce-bearing proof from before a restart is refused after it. A proof without a nonce is acceptable
+    until `iat + window` in any process. So before a process accepts one, it records in the database a
+    horizon at least that late (`persist`, at most one write per `window` seconds: it records `ahead`
+    seconds more than needed). The next process reads the horizon when it starts (`earlier`) and answers
+    `use_dpop_nonce` to every nonce-less proof whose `iat + window` is not past it: those are the only ones
+    an earlier process can have accepted. A device then uses the nonce of that answer, as it does anyway.
+    """
+
+    def __init__(self, earlier: float, persist: Callable[[float], None], ahead: float) -> None:
+        self.earlier = earlier
+        self._recorded = earlier
+        self._persist = persist
+        self._ahead = ahead
+
+    def check(self, acceptable_until: float) -> None:
+        if acceptable_until <= self.earlier:
+            raise UseDPoPNonce("The server has restarted: a proof without a nonce may be a replay; "
+                               "use the dpop_nonce", detail="no-nonce proof from before the server restart")
+
+    def record(self, acceptable_until: float, now: float) -> None:
+        if acceptable_until > self._recorded:
+            horizon = max(acceptable_until, now + self._ahead)
+            self._persist(horizon)  # before the proof is accepted: if it fails, the proof is refused
+            self._recorded = horizon
 
 
 class JtiMemory:
-    """Seen (key, jti) pairs, kept while their proof could still be accepted. Bounded twice: in all, and
-    per source address, so one host flooding valid proofs from throwaway keys locks out only itself."""
+    """Seen (key, jti) pairs, each kept until the last moment its proof could still be accepted. Bounded
+    twice: in all (`capacity`), and per source address, so one host flooding valid proofs from throwaway keys
+    locks out only itself. Both refusals are `temporarily_unavailable` (CONNACK 5 at the broker), logged."""
 
-    def __init__(self, retention: float, capacity: int = 200_000, per_source: int = 5_000) -> None:
-        self.retention = retention
+    def __init__(self, capacity: int = JTI_CAPACITY, per_source: int = 5_000) -> None:
         self.capacity = capacity
         self.per_source = per_source
-        self._seen: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
+        self._seen: dict[tuple[str, str], tuple[float, str]] = {}  # (jkt, jti) -> (keep until, source)
+        self._expiry: list[tuple[float, str, str]] = []  # heap of (keep until, jkt, jti)
         self._by_source: Counter[str] = Counter()
 
     def _purge(self, now: float) -> None:
-        while self._seen:
-            until, source = next(iter(self._seen.values()))
-            if until > now:
-                break
-            self._seen.popitem(last=False)
+        while self._expiry and self._expiry[0][0] < now:
+            _, jkt, jti = heapq.heappop(self._expiry)
+            _, source = self._seen.pop((jkt, jti))
             self._by_source[source] -= 1
             if self._by_source[source] <= 0:
                 del self._by_source[source]
 
-    def remember(self, jkt: str, jti: str, now: float, source: str = "") -> None:
+    def remember(self, jkt: str, jti: str, until: float, now: float, source: str = "") -> None:
+        """Record the proof's jti, kept until `until` (the caller's acceptance deadline, at least 10 minutes)."""
         self._purge(now)
         if (jkt, jti) in self._seen:
             raise InvalidDPoPProof("The DPoP proof has been used before (jti replay)")
@@ -197,22 +248,28 @@ class JtiMemory:
             raise TemporarilyUnavailable("Too many DPoP proofs from this address; retry in a few minutes",
                                          detail=f"per-source proof quota of {self.per_source} reached by {source!r}")
         if len(self._seen) >= self.capacity:
-            raise TemporarilyUnavailable("Too many DPoP proofs in flight; retry shortly")
-        self._seen[(jkt, jti)] = (now + self.retention, source)
+            raise TemporarilyUnavailable("Too many DPoP proofs in flight; retry in a few minutes",
+                                         detail=f"the DPoP jti memory is full ({self.capacity} proofs kept)")
+        self._seen[(jkt, jti)] = (until, source)
+        heapq.heappush(self._expiry, (until, jkt, jti))
         self._by_source[source] += 1
+
+    def kept_until(self, jkt: str, jti: str) -> float | None:
+        entry = self._seen.get((jkt, jti))
+        return entry[0] if entry else None
 
     def __len__(self) -> int:
         return len(self._seen)
 
 
 class DPoPVerifier:
-    def __init__(self, nonces: NonceIssuer, *, algorithms: tuple[str, ...], window: int, nonce_step: int,
-                 per_source: int = 5_000) -> None:
+    def __init__(self, nonces: NonceIssuer, *, algorithms: tuple[str, ...], window: int, per_source: int = 5_000,
+                 restart_guard: RestartGuard | None = None) -> None:
         self.nonces = nonces
         self.algorithms = algorithms
         self.window = window
-        # a proof is acceptable for at most two nonce steps, or iat +- window: keep its jti at least that long
-        self.jtis = JtiMemory(retention=max(2 * nonce_step, 2 * window) + window, per_source=per_source)
+        self.jtis = JtiMemory(per_source=per_source)
+        self.restart_guard = restart_guard
 
     def verify(self, proof: Any, *, htm: str, htu: str, now: float, access_token: str | None = None,
                source: str = "") -> Proof:
@@ -224,7 +281,10 @@ class DPoPVerifier:
         check_claim_types(claims)
         check_htm_htu(claims, htm, htu)
         check_ath(claims, access_token)
-        check_freshness(claims, self.nonces, now, self.window)
+        acceptable_until = check_freshness(claims, self.nonces, now, self.window)
+        if self.restart_guard is not None and "nonce" not in claims:
+            self.restart_guard.check(acceptable_until)
+            self.restart_guard.record(acceptable_until, now)
         jkt = jwk_thumbprint(header["jwk"])
-        self.jtis.remember(jkt, claims["jti"], now, source)
+        self.jtis.remember(jkt, claims["jti"], max(acceptable_until, now + MIN_JTI_RETENTION), now, source)
         return Proof(jkt=jkt, jti=claims["jti"], iat=float(claims["iat"]), nonce=claims.get("nonce"), claims=claims)

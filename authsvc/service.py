@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from authsvc import device_flow
 from authsvc.config import Settings
-from authsvc.dpop import DPoPVerifier, NonceIssuer, Proof
+from authsvc.dpop import DPoPVerifier, NonceIssuer, Proof, RestartGuard
 from authsvc.errors import (
     ExpiredUserCode,
     InvalidClient,
@@ -97,8 +98,18 @@ class AuthService:
         # (and so no nonce-bearing proof) from before it may be accepted again.
         nonces = NonceIssuer(secrets.token_bytes(32), settings.nonce_step)
         self.dpop = DPoPVerifier(nonces, algorithms=settings.dpop_algorithms, window=settings.iat_window,
-                                 nonce_step=settings.nonce_step, per_source=settings.max_proofs_per_source)
+                                 per_source=settings.max_proofs_per_source, restart_guard=self._restart_guard())
         self.on_revocation: list[Callable[[], None]] = []
+
+    def _restart_guard(self) -> RestartGuard:
+        """Proofs without a nonce seen by an earlier process stay refused here (see dpop.RestartGuard)."""
+        def persist(horizon: float) -> None:
+            try:
+                self.store.raise_no_nonce_horizon(horizon)
+            except sqlite3.OperationalError as exc:  # locked by another process: refuse, never accept unrecorded
+                raise TemporarilyUnavailable(detail=f"cannot record the DPoP restart horizon: {exc}") from None
+
+        return RestartGuard(self.store.no_nonce_horizon(), persist, ahead=3 * self.settings.iat_window)
 
     # -- helpers shared by the grants ---------------------------------------------
     def topic(self, endpoint: str) -> str:

@@ -319,6 +319,18 @@ class Store:
     def purge_access_tokens(self, before: float) -> int:
         return self._write("DELETE FROM access_tokens WHERE exp < ?", (before,))
 
+    # -- DPoP replay across restarts (authsvc.dpop.RestartGuard) ----------------------
+    def no_nonce_horizon(self) -> float:
+        """Until when an earlier process may have accepted a DPoP proof without a nonce (0: never)."""
+        row = self._one("SELECT value FROM meta WHERE key = 'dpop_no_nonce_horizon'")
+        return float(row["value"]) if row else 0.0
+
+    def raise_no_nonce_horizon(self, until: float) -> None:
+        """Only ever moves later, so no process can shorten what another recorded."""
+        self._write("INSERT INTO meta (key, value) VALUES ('dpop_no_nonce_horizon', ?) ON CONFLICT (key)"
+                    " DO UPDATE SET value = excluded.value WHERE CAST(value AS REAL) < CAST(excluded.value AS REAL)",
+                    (repr(float(until)),))
+
     # -- revocation feed (read by the running server to close live sessions) ---------
     def revocations_after(self, last_id: int) -> list[Revocation]:
         rows = self.conn.execute(

@@ -12,6 +12,7 @@ import hmac
 import itertools
 import json
 import shutil
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -27,8 +28,16 @@ from joserfc.jwk import ECKey, RSAKey
 
 from authsvc.config import load_settings
 from authsvc.datadir import open_service
-from authsvc.dpop import NonceIssuer, ath_of, jwk_thumbprint
-from authsvc.errors import InvalidDPoPProof, OAuthError
+from authsvc.dpop import (
+    MAX_JTI_CHARS,
+    MIN_JTI_RETENTION,
+    DPoPVerifier,
+    NonceIssuer,
+    RestartGuard,
+    ath_of,
+    jwk_thumbprint,
+)
+from authsvc.errors import InvalidDPoPProof, OAuthError, TemporarilyUnavailable
 from authsvc.grants import DEVICE_CODE_GRANT
 from authsvc.service import AuthService, ConnectRefused
 from tests.conftest import ENV
@@ -316,21 +325,70 @@ def test_a_proof_accepted_by_its_iat_at_the_edge_cannot_be_replayed(svc, clock):
     assert request_path(svc, proof, now + 121) == "use_dpop_nonce"
 
 
-def test_jti_memory_refuses_new_proofs_at_capacity_and_recovers(svc, clock):
+def test_jti_memory_refuses_new_proofs_at_capacity_and_recovers(svc, clock, caplog):
     now = clock.now()
     svc.dpop.jtis.capacity = 3
     first = forge(now)
     assert [request_path(svc, p, now) for p in (first, forge(now), forge(now))] == ["accepted"] * 3
-    assert request_path(svc, forge(now), now) == "temporarily_unavailable"
+    with pytest.raises(TemporarilyUnavailable) as full:
+        svc.dpop.verify(forge(now), htm="PUBLISH", htu=TOKEN_TOPIC, now=now)
+    assert full.value.detail == "the DPoP jti memory is full (3 proofs kept)"  # the log says why
     assert request_path(svc, first, now) == "invalid_dpop_proof"  # a replay is still a replay when full
-    later = now + svc.dpop.jtis.retention
+    later = now + MIN_JTI_RETENTION + 1
     assert request_path(svc, forge(later), later) == "accepted"  # expired entries make room
     assert len(svc.dpop.jtis) == 1
 
 
-def test_jti_memory_keeps_entries_at_least_ten_minutes(svc):
-    assert svc.dpop.jtis.retention >= 600
-    assert svc.dpop.jtis.retention >= 2 * svc.settings.nonce_step
+def test_a_full_jti_memory_refuses_connect_with_connack_5_and_logs_why(svc, clock):
+    now = clock.now()
+    token = paired(svc, now)["access_token"]
+    svc.dpop.jtis.capacity = len(svc.dpop.jtis)
+    with pytest.raises(ConnectRefused, match="the DPoP jti memory is full") as exc:
+        svc.authorize_connect("lamp-1", "lamp-1", f"{token} {connect_proof(svc, token, now)}", now)
+    assert exc.value.code == 5  # protocol.md section 6: any CONNECT failure is CONNACK 5
+
+
+def test_jti_memory_keeps_each_entry_until_its_acceptance_deadline_and_at_least_ten_minutes(svc, clock):
+    now = clock.now()
+    jkt = KEY.thumbprint()
+    issued = step_start(svc, now)
+    cases = {
+        "iat now": (forge(now), now, now + 600),  # iat + 60 is sooner: the 10-minute floor
+        "iat 60 s ahead": (forge(now + 60), now, now + 600),
+        "nonce of this step": (forge(issued, claims={"nonce": svc.current_nonce(issued)}), issued, issued + 600),
+        "nonce of the step before": (forge(issued + 300, claims={"nonce": svc.current_nonce(issued)}),
+                                     issued + 300, issued + 900),  # the nonce lives until issued + 600 only
+    }
+    for name, (proof, at, floor) in cases.items():
+        accepted = svc.dpop.verify(proof, htm="PUBLISH", htu=TOKEN_TOPIC, now=at)
+        assert svc.dpop.jtis.kept_until(jkt, accepted.jti) == floor, name
+
+
+@pytest.mark.parametrize("window, step, build, seen, replay", [
+    pytest.param(400, 300, lambda n, nonces: forge(n + 400), 0, 800,
+                 id="iat window 400 s: a proof 400 s ahead is kept until iat + 400"),
+    pytest.param(60, 900, lambda n, nonces: forge(n, claims={"nonce": nonces.current(n)}), 0, 1799,
+                 id="nonce step 900 s: a nonce proof is kept while its nonce lives"),
+])
+def test_jti_memory_outlives_every_configured_acceptance_window(window, step, build, seen, replay):
+    nonces = NonceIssuer(b"k" * 32, step)
+    verifier = DPoPVerifier(nonces, algorithms=("ES256",), window=window)
+    start = (int(time.time()) // step + 1) * step  # the first second of a nonce step
+    proof = build(start, nonces)
+    verifier.verify(proof, htm="PUBLISH", htu=TOKEN_TOPIC, now=start + seen)
+    # the last moment the proof is still acceptable: only the jti memory refuses the replay
+    assert outcome(lambda: verifier.verify(proof, htm="PUBLISH", htu=TOKEN_TOPIC, now=start + replay)) \
+        == "invalid_dpop_proof"
+    assert outcome(lambda: verifier.verify(proof, htm="PUBLISH", htu=TOKEN_TOPIC, now=start + replay + 1)) \
+        == "use_dpop_nonce"
+
+
+def test_an_oversized_jti_is_refused_before_it_reaches_the_memory(svc, clock):
+    now = clock.now()
+    before = len(svc.dpop.jtis)
+    assert request_path(svc, forge(now, claims={"jti": "j" * (MAX_JTI_CHARS + 1)}), now) == "invalid_dpop_proof"
+    assert request_path(svc, forge(now, claims={"jti": "j" * 100_000}), now) == "invalid_dpop_proof"
+    assert len(svc.dpop.jtis) == before
 
 
 # -- one jti memory for the broker (CONNECT) and the service (requests) --------------------------------
@@ -342,8 +400,13 @@ def paired(svc: AuthService, now: float, key: ECKey = KEY) -> dict[str, Any]:
                                 "client_id": "lamp-1", "dpop": forge(now, key=key)}, now)
 
 
+def connect_proof(svc: AuthService, token: str, now: float, jti: str | None = None) -> str:
+    return forge(now, htm="CONNECT", htu=svc.settings.audience,
+                 claims={"jti": jti or uuid.uuid4().hex, "ath": ath_of(token)})
+
+
 def connect(svc: AuthService, token: str, now: float, jti: str) -> str:
-    proof = forge(now, htm="CONNECT", htu=svc.settings.audience, claims={"jti": jti, "ath": ath_of(token)})
+    proof = connect_proof(svc, token, now, jti)
     try:
         svc.authorize_connect("lamp-1", "lamp-1", f"{token} {proof}", now)
     except ConnectRefused as exc:
@@ -465,8 +528,69 @@ def test_one_source_filling_its_proof_quota_locks_out_only_itself(svc, clock):
     assert outcome(lambda: svc.verify_request_proof(flood[3], "token", now, "10.0.0.66")) \
         == "temporarily_unavailable"
     assert outcome(lambda: svc.verify_request_proof(forge(now), "token", now, "10.0.0.7")) == "accepted"
-    clock.advance(svc.dpop.jtis.retention + 1)  # the flooder's entries expire; so does its lock-out
+    clock.advance(MIN_JTI_RETENTION + 1)  # the flooder's entries expire; so does its lock-out
     assert outcome(lambda: svc.verify_request_proof(flood[3], "token", clock.now(), "10.0.0.66")) \
         == "use_dpop_nonce"
     assert outcome(lambda: svc.verify_request_proof(forge(clock.now()), "token", clock.now(), "10.0.0.66")) \
         == "accepted"
+
+
+# -- replays across a restart: the horizon of nonce-less proofs (dpop.RestartGuard) -----------------------
+
+def test_a_later_service_refuses_the_nonce_less_proofs_an_earlier_one_may_have_accepted(svc, clock, settings):
+    now = clock.now()
+    seen = forge(now + 60)  # acceptable until now + 120, in any process
+    assert request_path(svc, seen, now) == "accepted"
+    svc.store.close()
+    later = open_service(settings)  # a restart: a new jti memory and a new nonce secret
+    try:
+        at = now + 5
+        assert request_path(later, seen, at) == "use_dpop_nonce"  # the replay
+        assert request_path(later, forge(at), at) == "use_dpop_nonce"  # cannot be told from one
+        assert request_path(later, forge(at, claims={"nonce": later.current_nonce(at)}), at) == "accepted"
+        horizon = later.dpop.restart_guard.earlier
+        assert horizon >= now + 120
+        assert request_path(later, forge(horizon - 60), horizon - 60) == "use_dpop_nonce"
+        assert request_path(later, forge(horizon - 59), horizon - 59) == "accepted"  # too new to be a replay
+    finally:
+        later.store.close()
+
+
+def test_a_fresh_data_dir_accepts_nonce_less_proofs_at_once(svc, clock):
+    assert svc.dpop.restart_guard.earlier == 0.0
+    assert request_path(svc, forge(clock.now()), clock.now()) == "accepted"
+
+
+def test_the_horizon_is_recorded_before_acceptance_and_at_most_once_a_window():
+    recorded: list[float] = []
+    guard = RestartGuard(0.0, recorded.append, ahead=180)
+    verifier = DPoPVerifier(NonceIssuer(b"k" * 32, 300), algorithms=("ES256",), window=60, restart_guard=guard)
+    start = 1_800_000_000.0
+    for at in range(0, 241, 10):
+        verifier.verify(forge(start + at), htm="PUBLISH", htu=TOKEN_TOPIC, now=start + at)
+    verifier.verify(forge(start + 300, claims={"nonce": verifier.nonces.current(start + 300)}),
+                    htm="PUBLISH", htu=TOKEN_TOPIC, now=start + 300)  # a nonce proof needs no horizon
+    assert recorded == [start + 180, start + 130 + 180]
+
+
+def test_a_horizon_that_cannot_be_recorded_refuses_the_proof_without_burning_its_jti(svc, clock, settings):
+    now = clock.now()
+    proof = forge(now)
+    svc.store.set_busy_timeout(0.05)
+    other = sqlite3.connect(settings.db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # e.g. `iotauth approve` holding the write lock
+    try:
+        with pytest.raises(TemporarilyUnavailable, match="cannot record the DPoP restart horizon"):
+            svc.dpop.verify(proof, htm="PUBLISH", htu=TOKEN_TOPIC, now=now)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert svc.store.no_nonce_horizon() == 0.0
+    assert request_path(svc, proof, now) == "accepted"
+    assert svc.store.no_nonce_horizon() == now + 180
+
+
+def test_the_recorded_horizon_only_moves_later(svc):
+    svc.store.raise_no_nonce_horizon(2_000_000_000.5)
+    svc.store.raise_no_nonce_horizon(1_000_000_000.0)
+    assert svc.store.no_nonce_horizon() == 2_000_000_000.5

@@ -27,8 +27,8 @@ THIEF = ECKey.generate_key("P-256", private=True)
 SCOPE = "write:temperature device:power"
 
 
-def token_proof(key: ECKey, now: float) -> str:
-    return make_proof(key, "PUBLISH", "oauth/v1/token", iat=now)
+def token_proof(key: ECKey, now: float, nonce: str | None = None) -> str:
+    return make_proof(key, "PUBLISH", "oauth/v1/token", iat=now, nonce=nonce)
 
 
 def pair(svc: AuthService, now: float, client_id: str = "thermo-1", key: ECKey = KEY) -> dict[str, Any]:
@@ -41,9 +41,9 @@ def pair(svc: AuthService, now: float, client_id: str = "thermo-1", key: ECKey =
 
 
 def refresh(svc: AuthService, refresh_token: str, now: float, key: ECKey = KEY, client_id: str = "thermo-1",
-            **extra: Any) -> dict[str, Any]:
+            nonce: str | None = None, **extra: Any) -> dict[str, Any]:
     return call(svc, "token", {"grant_type": "refresh_token", "refresh_token": refresh_token,
-                               "client_id": client_id, "dpop": token_proof(key, now), **extra}, now)
+                               "client_id": client_id, "dpop": token_proof(key, now, nonce), **extra}, now)
 
 
 def ok(reply: dict[str, Any]) -> str:
@@ -145,7 +145,10 @@ def test_refresh_by_someone_else_is_invalid_grant_and_the_owner_keeps_the_token(
 # -- R1: concurrent refreshes of one token -------------------------------------------------------------
 
 def refresh_in_threads(settings: Any, rt: str, now: float, key: ECKey, n: int = 20) -> list[dict[str, Any]]:
-    """n refreshes at once, each through its own service and SQLite connection, like n processes."""
+    """n refreshes at once, each through its own service and SQLite connection, like n processes.
+
+    Each proof carries its service's nonce: a service opened after another accepted nonce-less proofs
+    cannot tell them from replays (dpop.RestartGuard), exactly as after a restart."""
     services = [open_service(settings) for _ in range(n)]
     barrier = threading.Barrier(n)
     results: list[Any] = [None] * n
@@ -153,7 +156,7 @@ def refresh_in_threads(settings: Any, rt: str, now: float, key: ECKey, n: int = 
     def run(i: int) -> None:
         barrier.wait(10)
         try:
-            results[i] = refresh(services[i], rt, now, key=key)
+            results[i] = refresh(services[i], rt, now, key=key, nonce=services[i].current_nonce(now))
         except Exception as exc:  # noqa: BLE001 - a crash (database locked ...) must fail the test
             results[i] = {"crash": repr(exc)}
 
