@@ -82,21 +82,36 @@ def check_header(header: dict[str, Any], keys: dict[str, SigningKey]) -> Signing
     return keys[kid]
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float, e.g. 10**400
+        return False
+
+
 def _number(claims: dict[str, Any], name: str, required: bool = True) -> float | None:
     value = claims.get(name)
     if value is None and not required and name not in claims:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise TokenError(f"{name} must be a JSON number")
     return float(value)
+
+
+def check_audience(aud: Any, audience: str) -> None:
+    """RFC 7519 4.1.3: a string, or an array of strings; one of them must be the broker audience, exactly."""
+    if aud == audience:
+        return
+    if isinstance(aud, list) and all(isinstance(a, str) for a in aud) and audience in aud:
+        return
+    raise TokenError("aud does not name the broker")
 
 
 def check_claims(claims: dict[str, Any], *, issuer: str, audience: str, now: float) -> AccessClaims:
     if claims.get("iss") != issuer:
         raise TokenError("iss does not match")
     aud = claims.get("aud")
-    if not (aud == audience or (isinstance(aud, list) and audience in aud)):
-        raise TokenError("aud does not name the broker")
+    check_audience(aud, audience)
     exp = _number(claims, "exp")
     iat = _number(claims, "iat")
     nbf = _number(claims, "nbf", required=False)

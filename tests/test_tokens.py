@@ -123,6 +123,12 @@ CASES: list[Any] = [
     ("real kid, jku to the attacker's JWKS", lambda s, n: forge(
         s, n, header={"jku": "http://evil.example/jwks.json"}, signer=es256_by(ATTACKER)),
      "signature does not verify"),
+    ("real kid, x5u to the attacker's certificate", lambda s, n: forge(
+        s, n, header={"x5u": "http://evil.example/cert.pem"}, signer=es256_by(ATTACKER)),
+     "signature does not verify"),
+    ("attacker key embedded as jwk and x5c, kid of the attacker", lambda s, n: forge(
+        s, n, header={"jwk": ATTACKER.as_dict(private=False), "x5c": ["MIIB"], "kid": "attacker"},
+        signer=es256_by(ATTACKER)), "kid is not one of the service's keys"),
     ("claims widened after signing",
      lambda s, n: resigned(issued(s, n), scope="device:power control:power"), "signature does not verify"),
     ("kid missing", lambda s, n: forge(s, n, drop=("kid",)), "kid is not one of the service's keys"),
@@ -162,8 +168,15 @@ CASES: list[Any] = [
     ("exp missing", lambda s, n: forge(s, n, drop=("exp",)), "exp must be a JSON number"),
     ("iat a numeric string", lambda s, n: forge(s, n, claims={"iat": str(int(n))}),
      "iat must be a JSON number"),
+    ("exp an integer too large for a float", lambda s, n: forge(s, n, claims={"exp": 10**400}),
+     "exp must be a JSON number"),
     ("iat missing", lambda s, n: forge(s, n, drop=("iat",)), "iat must be a JSON number"),
+    ("iat true", lambda s, n: forge(s, n, claims={"iat": True}), "iat must be a JSON number"),
     ("nbf null", lambda s, n: forge(s, n, claims={"nbf": None}), "nbf must be a JSON number"),
+    ("nbf false", lambda s, n: forge(s, n, claims={"nbf": False}), "nbf must be a JSON number"),
+    ('nbf "0"', lambda s, n: forge(s, n, claims={"nbf": "0"}), "nbf must be a JSON number"),
+    ("nbf now", lambda s, n: forge(s, n, claims={"nbf": int(n)}), ACCEPTED),
+    ("nbf 60 s in the future", lambda s, n: forge(s, n, claims={"nbf": int(n) + 60}), ACCEPTED),
     ("a DPoP proof presented as an access token", lambda s, n: make_proof(
         DEVICE, "CONNECT", s.settings.audience, iat=n), "typ 'dpop+jwt' is not at+jwt"),
     ("typ JWT, signed by the service key", lambda s, n: forge(s, n, header={"typ": "JWT"}),
@@ -183,8 +196,19 @@ CASES: list[Any] = [
     ("aud another broker", lambda s, n: forge(s, n, claims={"aud": "mqtt://localhost:1884"}),
      "aud does not name the broker"),
     ("aud missing", lambda s, n: forge(s, n, drop=("aud",)), "aud does not name the broker"),
+    ("aud with a trailing slash", lambda s, n: forge(s, n, claims={"aud": s.settings.audience + "/"}),
+     "aud does not name the broker"),
+    ("aud upper case", lambda s, n: forge(s, n, claims={"aud": s.settings.audience.upper()}),
+     "aud does not name the broker"),
+    ("aud an array holding a prefix of the audience", lambda s, n: forge(
+        s, n, claims={"aud": [s.settings.audience[:-1]]}), "aud does not name the broker"),
+    ("aud an array with a non-string member", lambda s, n: forge(
+        s, n, claims={"aud": [s.settings.audience, 7]}), "aud does not name the broker"),
+    ("aud an object naming the audience", lambda s, n: forge(
+        s, n, claims={"aud": {s.settings.audience: True}}), "aud does not name the broker"),
     # the rest of the profile
     ("crit header", lambda s, n: forge(s, n, header={"crit": ["exp"]}), "crit header present"),
+    ("crit an empty list", lambda s, n: forge(s, n, header={"crit": []}), "crit header present"),
     ("cnf missing", lambda s, n: forge(s, n, drop=("cnf",)), "cnf missing"),
     ("cnf without jkt", lambda s, n: forge(s, n, claims={"cnf": {"jkt": 5}}), "cnf has neither"),
     ("client_id a number", lambda s, n: forge(s, n, claims={"client_id": 7}), "client_id must be a string"),
