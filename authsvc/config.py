@@ -46,6 +46,7 @@ class Settings:
     access_ttl: int = 900
     refresh_ttl: int = 180 * 86400
     refresh_grace: int = 30
+    refresh_absolute_days: int = 0  # a grant cannot be refreshed this many days after its approval; 0: no limit
     device_code_ttl: int = 600
     poll_interval: int = 5
     dpop_algorithms: tuple[str, ...] = ("ES256",)
@@ -80,6 +81,10 @@ class Settings:
 # (section, key) -> (Settings field, type, check) ; check returns an error text or None
 def _positive(v: Any) -> str | None:
     return None if v > 0 else "must be greater than 0"
+
+
+def _not_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must not be negative"
 
 
 def _port(v: Any) -> str | None:
@@ -128,6 +133,7 @@ _KEYS: dict[tuple[str, str], tuple[str, type | tuple[type, ...], Any]] = {
     ("tokens", "access_ttl"): ("access_ttl", int, _access_ttl),
     ("tokens", "refresh_ttl_days"): ("refresh_ttl", int, _positive),
     ("tokens", "refresh_grace"): ("refresh_grace", int, lambda v: None if v >= 0 else "must not be negative"),
+    ("tokens", "refresh_absolute_days"): ("refresh_absolute_days", int, _not_negative),
     ("tokens", "device_code_ttl"): ("device_code_ttl", int, _positive),
     ("tokens", "poll_interval"): ("poll_interval", int, _positive),
     ("dpop", "algorithms"): ("dpop_algorithms", list, _algs),

@@ -14,7 +14,7 @@ from authsvc import device_flow
 from authsvc.dpop import Proof
 from authsvc.errors import InvalidGrant, InvalidScope
 from authsvc.keys import keyed_hash
-from authsvc.store import RefreshToken
+from authsvc.store import Grant, RefreshToken
 
 if TYPE_CHECKING:
     from authsvc.service import AuthService
@@ -74,6 +74,7 @@ def refresh_token_grant(svc: AuthService, params: dict[str, str], proof: Proof, 
     scope = scope_within(token.scope, params.get("scope"), "A refresh may narrow the scope, never widen it")
     if now >= token.expires:
         raise InvalidGrant("The refresh token has expired")
+    check_absolute_lifetime(grant, svc.settings.refresh_absolute_days, now)
     if token.used is None:
         successor = svc.mint_refresh_token()
         with svc.store.transaction():
@@ -85,7 +86,15 @@ def refresh_token_grant(svc: AuthService, params: dict[str, str], proof: Proof, 
     return _replayed(svc, token, grant, scope, now)
 
 
-def _replayed(svc: AuthService, token: RefreshToken, grant: Any, scope: str, now: float) -> dict[str, Any]:
+def check_absolute_lifetime(grant: Grant, days: int, now: float) -> None:
+    """Optional (tokens.refresh_absolute_days, 0 = none): however often it is used, a grant ends this long
+    after its approval; the idle lifetime is each refresh token's own expiry (tokens.refresh_ttl_days)."""
+    if days and now >= grant.created + days * 86400:
+        raise InvalidGrant("The grant has reached its maximum lifetime; pair the device again",
+                           detail=f"grant {grant.grant_id} is older than {days} days")
+
+
+def _replayed(svc: AuthService, token: RefreshToken, grant: Grant, scope: str, now: float) -> dict[str, Any]:
     """A replaced token again: the same successor within the grace period while unused, else revoke the grant."""
     successor = svc.store.refresh_token(token.successor_hash or "")
     in_grace = token.used is not None and now - token.used <= svc.settings.refresh_grace

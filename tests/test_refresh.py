@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from joserfc.jwk import ECKey
 
+from authsvc.config import ConfigError, load_settings
 from authsvc.datadir import open_service
 from authsvc.grants import DEVICE_CODE_GRANT
 from authsvc.keys import b64u_decode
@@ -310,3 +311,50 @@ def test_reuse_after_grace_disconnects_the_live_session(server):
     assert dev.refresh(new["refresh_token"])["error"] == "invalid_grant"
     assert dev.session(new["access_token"]).connack == 5
     dev.close()
+
+
+# -- optional absolute lifetime (tokens.refresh_absolute_days) ----------------------------------------------
+
+def service_with(settings: Any, config: str) -> AuthService:
+    (settings.data_dir / "iotauth.toml").write_text(config)
+    return open_service(load_settings(settings.data_dir))
+
+
+def test_the_absolute_lifetime_is_off_by_default(settings):
+    assert settings.refresh_absolute_days == 0
+
+
+@pytest.mark.parametrize("config, problem", [
+    pytest.param("[tokens]\nrefresh_absolute_days = -1\n", "tokens.refresh_absolute_days = -1 must not be negative",
+                 id="negative"),
+    pytest.param('[tokens]\nrefresh_absolute_days = "365"\n',
+                 "tokens.refresh_absolute_days = '365' has the wrong type", id="a string"),
+])
+def test_a_bad_absolute_lifetime_is_refused_at_load_naming_the_key(settings, config, problem):
+    (settings.data_dir / "iotauth.toml").write_text(config)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(settings.data_dir)
+    assert str(exc.value) == f"{settings.data_dir / 'iotauth.toml'}: {problem}"
+
+
+def test_a_grant_past_its_absolute_lifetime_cannot_be_refreshed_however_often_it_was_used(svc, clock, settings):
+    svc.store.close()
+    limited = service_with(settings, "[tokens]\nrefresh_absolute_days = 200\n")
+    try:
+        t0 = clock.now()
+        rt = pair(limited, t0)["refresh_token"]
+        for day in (60, 120, 180):  # used well within the 180-day idle life each time
+            clock.set(t0 + day * DAY)
+            rt = ok(refresh(limited, rt, clock.now()))
+        clock.set(t0 + 200 * DAY - 1)
+        previous, rt = rt, ok(refresh(limited, rt, clock.now()))  # the last second of the grant's life
+        clock.set(t0 + 200 * DAY)
+        assert refresh(limited, rt, clock.now()) == {
+            "error": "invalid_grant",
+            "error_description": "The grant has reached its maximum lifetime; pair the device again"}
+        assert refresh(limited, previous, clock.now())["error"] == "invalid_grant"  # a grace retry: refused too
+        rows = grant_rows(settings)
+        assert all(revoked is None for _, revoked, _ in rows)  # refused, not revoked: nothing was reused
+        assert [used is None for _, _, used in rows][-1]  # the last successor was not used up
+    finally:
+        limited.store.close()
