@@ -30,6 +30,12 @@ class Dropped(Exception):
     """A request with no usable reply_to: nothing can be answered."""
 
 
+def not_json(constant: str) -> Any:
+    """json.loads reads NaN, Infinity and -Infinity; RFC 8259 has none of them, and echoing one back
+    (in correlation_id) would make the reply itself not JSON."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 class MqttApi:
     def __init__(self, service: AuthService, clock: Clock, publish: Publish) -> None:
         self.service = service
@@ -48,7 +54,7 @@ class MqttApi:
         if len(payload) > self.service.settings.max_request_size:
             raise Dropped(f"{len(payload)} bytes exceeds the {self.service.settings.max_request_size} byte limit")
         try:
-            body = json.loads(payload.decode("utf-8"))
+            body = json.loads(payload.decode("utf-8"), parse_constant=not_json)
         except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
             raise Dropped("payload is not UTF-8 JSON") from None
         if not isinstance(body, dict):
