@@ -22,6 +22,7 @@ log = logging.getLogger("iotauth.mqtt_api")
 
 REPLY_ID = re.compile(r"[A-Za-z0-9_-]{22,64}", re.ASCII)
 MAX_CORRELATION_ID = 64
+SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 
@@ -34,6 +35,24 @@ def not_json(constant: str) -> Any:
     """json.loads reads NaN, Infinity and -Infinity; RFC 8259 has none of them, and echoing one back
     (in correlation_id) would make the reply itself not JSON."""
     raise ValueError(f"{constant} is not JSON")
+
+
+def lone_surrogate(value: Any) -> bool:
+    """Whether a string of the parsed body (keys included) holds a lone surrogate. JSON's \\u escapes can
+    name one (json.loads joins only valid pairs), but no UTF-8 text carries it: the core could not encode
+    it, e.g. to hash a token. Iterative, so a deeply nested body cannot exhaust the stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class MqttApi:
@@ -80,6 +99,8 @@ class MqttApi:
         now = self.clock.now()
         correlation = body.get("correlation_id")
         try:
+            if lone_surrogate(body):
+                raise InvalidRequest("Strings must be Unicode text: a \\u escape names a lone surrogate")
             if "correlation_id" in body and (not isinstance(correlation, str) or len(correlation) > MAX_CORRELATION_ID):
                 raise InvalidRequest(f"correlation_id must be a string of at most {MAX_CORRELATION_ID} characters")
             response = self.service.handle(endpoint, body, now, source)

@@ -129,6 +129,12 @@ ANSWER_CASES: list[Any] = [
      "invalid_dpop_proof", None),
     ("revoke: token missing", "revoke", {}, "invalid_request", None),
     ("revoke: unknown token", "revoke", {"token": "not-a-token"}, "ok", None),
+    # a \ud800 escape is valid JSON syntax but no UTF-8 text: it once reached the token hash as server_error
+    ("revoke: token a lone surrogate", "revoke", {"token": "\ud800"}, "invalid_request", None),
+    ("lone surrogate in a key of an unknown field", "device_authorization", {"x": {"\udc00": 1}},
+     "invalid_request", None),
+    ("correlation_id a lone surrogate, echoed", "device_authorization", {"correlation_id": "c\udc00"},
+     "invalid_request", "c\udc00"),
 ]
 
 
