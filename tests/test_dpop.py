@@ -32,10 +32,20 @@ from authsvc.dpop import (
     MAX_JTI_CHARS,
     MIN_JTI_RETENTION,
     DPoPVerifier,
+    JtiMemory,
     NonceIssuer,
     RestartGuard,
     ath_of,
+    check_alg,
+    check_ath,
+    check_claim_types,
+    check_freshness,
+    check_htm_htu,
+    check_public_jwk,
+    check_signature,
+    check_typ,
     jwk_thumbprint,
+    split_proof,
 )
 from authsvc.errors import InvalidDPoPProof, OAuthError, TemporarilyUnavailable
 from authsvc.grants import DEVICE_CODE_GRANT
@@ -251,6 +261,54 @@ def test_connect_proof_outcome(shared, build, expected):
     got = outcome(lambda: shared.dpop.verify(build(now), htm="CONNECT", htu=AUDIENCE, now=now,
                                           access_token=ACCESS_TOKEN))
     assert got == expected
+
+
+# -- each checklist item on its own: its named function passes a good input and refuses its defect --------
+
+NOW = 1_800_000_000.0
+NONCES = NonceIssuer(b"k" * 32, 300)
+GOOD_CLAIMS = {"jti": "j-1", "iat": int(NOW), "htm": "PUBLISH", "htu": TOKEN_TOPIC}
+
+
+def remember_twice() -> None:
+    memory = JtiMemory()
+    memory.remember("jkt", "j-1", NOW + 600, NOW)
+    memory.remember("jkt", "j-1", NOW + 600, NOW + 1)
+
+
+CHECKS: list[Any] = [
+    ("split_proof", lambda: split_proof(forge(NOW)), lambda: split_proof("a.b"), "invalid_dpop_proof"),
+    ("check_typ", lambda: check_typ({"typ": "dpop+jwt"}), lambda: check_typ({"typ": "jwt"}), "invalid_dpop_proof"),
+    ("check_alg", lambda: check_alg({"alg": "ES256"}, ("ES256",)),
+     lambda: check_alg({"alg": "HS256"}, ("ES256", "HS256")), "invalid_dpop_proof"),  # even if listed
+    ("check_public_jwk", lambda: check_public_jwk({"jwk": KEY.as_dict(private=False)}, "ES256"),
+     lambda: check_public_jwk({"jwk": KEY.as_dict(private=True)}, "ES256"), "invalid_dpop_proof"),
+    ("check_signature", lambda: check_signature(forge(NOW), ECKey.import_key(KEY.as_dict(private=False)), "ES256"),
+     lambda: check_signature(forge(NOW, key=OTHER), ECKey.import_key(KEY.as_dict(private=False)), "ES256"),
+     "invalid_dpop_proof"),
+    ("check_claim_types", lambda: check_claim_types(GOOD_CLAIMS),
+     lambda: check_claim_types(GOOD_CLAIMS | {"iat": "1800000000"}), "invalid_dpop_proof"),
+    ("check_htm_htu", lambda: check_htm_htu(GOOD_CLAIMS, "PUBLISH", TOKEN_TOPIC),
+     lambda: check_htm_htu(GOOD_CLAIMS, "CONNECT", AUDIENCE), "invalid_dpop_proof"),
+    ("check_ath", lambda: check_ath(GOOD_CLAIMS | {"ath": ath_of(ACCESS_TOKEN)}, ACCESS_TOKEN),
+     lambda: check_ath(GOOD_CLAIMS, ACCESS_TOKEN), "invalid_dpop_proof"),
+    ("check_freshness by iat", lambda: check_freshness(GOOD_CLAIMS, NONCES, NOW + 60, 60),
+     lambda: check_freshness(GOOD_CLAIMS, NONCES, NOW + 61, 60), "use_dpop_nonce"),
+    ("check_freshness by nonce", lambda: check_freshness(GOOD_CLAIMS | {"iat": 0, "nonce": NONCES.current(NOW)},
+                                                         NONCES, NOW, 60),
+     lambda: check_freshness(GOOD_CLAIMS | {"nonce": NONCES.current(NOW - 600)}, NONCES, NOW, 60),
+     "use_dpop_nonce"),
+    ("jwk_thumbprint", lambda: jwk_thumbprint(RFC9449_EC), lambda: jwk_thumbprint({"kty": "oct", "k": "AA"}),
+     "invalid_dpop_proof"),
+    ("JtiMemory.remember", lambda: JtiMemory().remember("jkt", "j-1", NOW + 600, NOW), remember_twice,
+     "invalid_dpop_proof"),
+]
+
+
+@pytest.mark.parametrize("good, bad, error", [pytest.param(g, b, e, id=i) for i, g, b, e in CHECKS])
+def test_each_checklist_function_passes_a_good_input_and_refuses_its_defect(good, bad, error):
+    assert outcome(good) == "accepted"
+    assert outcome(bad) == error
 
 
 # -- D3: replay ---------------------------------------------------------------------------------------

@@ -289,6 +289,18 @@ def test_no_issued_secret_is_stored_in_the_database_file(svc, clock, settings):
         assert value not in blob, f"{name} found in the database files"
 
 
+def test_a_copy_of_the_database_yields_no_usable_refresh_token(svc, clock, settings):
+    rt0 = pair(svc, clock.now())["refresh_token"]
+    rt1 = ok(refresh(svc, rt0, clock.now()))  # rt0's row now also holds rt1's hash and sealed copy
+    with sqlite3.connect(settings.db_path) as db:  # what a thief who copied the file can read
+        stored = {v for row in db.execute("SELECT token_hash, successor_hash, successor_sealed FROM refresh_tokens")
+                  for v in row if v}
+    assert len(stored) == 3
+    for value in stored:  # even presented with the device's own key
+        assert refresh(svc, value, clock.now())["error"] == "invalid_grant"
+    assert ok(refresh(svc, rt1, clock.now()))  # and nothing the thief tried cost the device its token
+
+
 # -- R2 on the wire: the live session is closed ---------------------------------------------------------
 
 def test_reuse_after_grace_disconnects_the_live_session(server):
