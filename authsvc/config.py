@@ -43,6 +43,9 @@ class Settings:
     max_packet_size: int = 65536
     max_request_size: int = 16384
     connect_timeout: float = 10.0
+    connect_attempts_per_source: int = 20
+    connect_attempt_window: float = 10.0
+    bootstrap_sessions_per_source: int = 50
     access_ttl: int = 900
     refresh_ttl: int = 180 * 86400
     refresh_grace: int = 30
@@ -130,6 +133,9 @@ _KEYS: dict[tuple[str, str], tuple[str, type | tuple[type, ...], Any]] = {
     ("mqtt", "max_packet_size"): ("max_packet_size", int, _packet_size),
     ("mqtt", "max_request_size"): ("max_request_size", int, _packet_size),
     ("mqtt", "connect_timeout"): ("connect_timeout", (int, float), _positive),
+    ("mqtt", "connect_attempts_per_source"): ("connect_attempts_per_source", int, _positive),
+    ("mqtt", "connect_attempt_window"): ("connect_attempt_window", (int, float), _positive),
+    ("mqtt", "bootstrap_sessions_per_source"): ("bootstrap_sessions_per_source", int, _positive),
     ("tokens", "access_ttl"): ("access_ttl", int, _access_ttl),
     ("tokens", "refresh_ttl_days"): ("refresh_ttl", int, _positive),
     ("tokens", "refresh_grace"): ("refresh_grace", int, lambda v: None if v >= 0 else "must not be negative"),
@@ -143,7 +149,8 @@ _KEYS: dict[tuple[str, str], tuple[str, type | tuple[type, ...], Any]] = {
     ("activate", "max_failures"): ("max_failures", int, _positive),
     ("activate", "failure_window"): ("failure_window", int, _positive),
 }
-_CONVERT = {"refresh_ttl": lambda d: d * 86400, "dpop_algorithms": tuple, "connect_timeout": float}
+_CONVERT = {"refresh_ttl": lambda d: d * 86400, "dpop_algorithms": tuple, "connect_timeout": float,
+            "connect_attempt_window": float}
 
 
 def shipped_defaults_text() -> str:

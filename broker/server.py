@@ -1,23 +1,21 @@
-"""The amqtt broker, hardened where a plugin alone cannot be (../shared/amqtt-notes.md).
+"""The amqtt broker, hardened where a plugin alone cannot be (../shared/amqtt-notes.md, issue 3).
 
-`HardenedBroker` overrides, each for a stated reason:
-- `_initialize_client_session`: wait at most `connect_timeout` for CONNECT, and authenticate BEFORE any
-  existing session is touched (stock amqtt wipes or takes over a victim's session first, flaw 1); a
-  bootstrap CONNECT may not take over or wipe a device's session, live or offline (CONNACK 2).
+`HardenedBroker` overrides, each for a stated reason (reading packets off the socket is in `packets`):
+- `_initialize_client_session`: wait at most `connect_timeout` for CONNECT, apply the per-source limits,
+  and authenticate BEFORE any existing session is touched (stock amqtt wipes or takes over a victim's
+  session first, flaw 1); a bootstrap CONNECT may not take over or wipe a device's session (CONNACK 2).
 - `_authenticate`: returns the decision already taken above, so the plugin runs once per CONNECT
   (a second run would see its own proof as a replay).
+- `_handle_message_delivery`: a client PUBLISH to a `$` topic is dropped and logged (stock amqtt leaves
+  the session half-dead), and the broadcast carries the PUBLISH's QoS.
+- `_run_broadcast`: delivery QoS is min(publish QoS, subscription QoS) (MQTT 3.1.1 section 3.8.4);
+  stock amqtt delivers at the subscription's QoS (flaw 4).
 - `retain_message`: a device's publish never becomes a retained message under the protocol prefix.
 - `_publish_retained_messages_for_subscription`: retained messages obey the RECEIVE check and go only
   to the session's own subscriptions (flaw 2); `_publish_session_retained_messages` applies the same
   check to messages queued while a persistent session was offline.
-- `stream_connected`: every socket reads through `PacketLimitReader`, so a packet over the maximum size
-  closes its connection before its body is buffered (no maximum exists in stock amqtt, flaw 3).
-- `KeepAliveHandler`: a session silent for 1.5 x its keep-alive is closed (stock amqtt only logs it);
-  a bootstrap session asking for keep-alive 0 gets the bootstrap default instead.
-- `_handle_message_delivery`: a client PUBLISH to a `$` topic is dropped and logged; stock amqtt
-  leaves the session half-dead.
-- `_StrictPacket` (installed into amqtt's reader): a packet that does not decode closes the connection;
-  stock amqtt skipped it and parsed the rest of it as further packets.
+- `stream_connected`: every socket reads through `PacketLimitReader` (no maximum in stock amqtt, flaw 3).
+- `_handle_client_session`: frees the source's bootstrap slot when a bootstrap session ends.
 - Bootstrap sessions are always clean, so nothing (a reply with a device code) waits for whoever
   reconnects with the same ClientId.
 """
@@ -26,120 +24,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
+from collections import deque
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
-from amqtt.mqtt.protocol import handler as _amqtt_handler
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from authsvc import metrics
 from authsvc.clock import Clock
 from authsvc.service import AuthService
 from broker.gate import HANDLER, Gate, close_connection
+from broker.limits import ConnectLimiter
+from broker.packets import KeepAliveHandler, PacketLimitReader, PacketTooLarge, read_timeout
 from broker.plugin import IotAuthPlugin, info
 
 log = logging.getLogger("iotauth.broker")
 
 ADMITTED = "iotauth.admitted"
-BOOTSTRAP_KEEPALIVE = 60  # seconds, for a bootstrap session that asks for none
-
-
-class PacketTooLarge(Exception):
-    """A client sent a packet larger than the broker's maximum packet size."""
-
-
-class PacketLimitReader(ReaderAdapter):
-    """Reads one whole MQTT packet at a time from the socket, refusing any larger than `limit` bytes."""
-
-    def __init__(self, inner: ReaderAdapter, limit: int) -> None:
-        self._inner = inner
-        self._limit = limit
-        self._buffer = bytearray()
-
-    async def _next_packet(self) -> None:
-        head = bytearray(await self._inner.read(1))
-        remaining, multiplier = 0, 1
-        for _ in range(4):
-            byte = (await self._inner.read(1))[0]
-            head.append(byte)
-            remaining += (byte & 0x7F) * multiplier
-            multiplier *= 128
-            if not byte & 0x80:
-                break
-        if len(head) + remaining > self._limit:
-            raise PacketTooLarge(f"{len(head) + remaining} byte packet exceeds the {self._limit} byte maximum")
-        body = await self._inner.read(remaining) if remaining else b""
-        self._buffer = head + body
-
-    async def read(self, n: int = -1) -> bytes:
-        if not self._buffer:
-            await self._next_packet()
-        n = len(self._buffer) if n < 0 else n
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
-
-    def feed_eof(self) -> None:
-        self._inner.feed_eof()
-
-
-class KeepAliveHandler(BrokerProtocolHandler):
-    """Closes the connection when the client has been silent for longer than the read timeout."""
-
-    def handle_read_timeout(self) -> None:
-        log.warning("closing %r: silent for longer than 1.5 x its keep-alive",
-                    self.session.client_id if self.session else None)
-        asyncio.ensure_future(close_connection(self))
-
-
-class MalformedPacket(Exception):
-    """A packet that does not decode: MQTT 3.1.1 (4.8) says the server closes the connection."""
-
-
-class _StrictPacket:
-    """Wraps a packet class so a decoding error ends the connection instead of being skipped.
-
-    amqtt's reader logs an MQTTError as "Message discarded" and goes on reading, so the rest of the
-    bad packet (a refused PUBLISH's payload, say) was parsed as further packets. Any other exception
-    ends amqtt's reader loop, which closes the connection."""
-
-    def __init__(self, packet_cls: Any) -> None:
-        self.packet_cls = packet_cls
-
-    async def from_stream(self, reader: Any, fixed_header: Any = None) -> Any:
-        try:
-            return await self.packet_cls.from_stream(reader, fixed_header=fixed_header)
-        except MQTTError as exc:
-            raise MalformedPacket(str(exc)) from exc
-
-
-def _install_strict_packets() -> None:
-    original = _amqtt_handler.packet_class
-    if getattr(original, "iotauth_strict", False):
-        return
-
-    def strict_packet_class(fixed_header: Any) -> Any:
-        return _StrictPacket(original(fixed_header))
-
-    strict_packet_class.iotauth_strict = True  # type: ignore[attr-defined]
-    _amqtt_handler.packet_class = strict_packet_class
-
-
-_install_strict_packets()
-
-
-def read_timeout(keep_alive: int, bootstrap: bool) -> int:
-    """MQTT 3.1.1 3.1.2.10: the server closes a connection silent for 1.5 x the keep-alive."""
-    if keep_alive <= 0:
-        keep_alive = BOOTSTRAP_KEEPALIVE if bootstrap else 0
-    return math.ceil(keep_alive * 1.5)
+BOOTSTRAP_SOURCE = "iotauth.bootstrap_source"  # set while a bootstrap session holds one of its source's slots
+SERVER_UNAVAILABLE = 3  # CONNACK for a source over its limits: "try later", not "your token is bad" (5)
+QOS_2 = 2
 
 
 def broker_config(host: str, port: int) -> dict[str, Any]:
@@ -153,26 +64,42 @@ def broker_config(host: str, port: int) -> dict[str, Any]:
 class HardenedBroker(Broker):
     connect_timeout: float = 10.0
     max_packet_size: int = 65536
+    gate: Gate | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limiter = ConnectLimiter(attempts=20, window=10.0, bootstrap_sessions=50)  # start_broker sets it
 
     async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                listener_name: str) -> None:
         limited = PacketLimitReader(StreamReaderAdapter(reader), self.max_packet_size)
         await self._client_connected(listener_name, limited, StreamWriterAdapter(writer))
 
-    async def _handle_message_delivery(self, client_session: Session, handler: BrokerProtocolHandler,
-                                       wait_deliver: asyncio.Future[Any]) -> bool:
-        message = wait_deliver.result()
-        if message is not None and isinstance(message.topic, str) and message.topic.startswith("$"):
-            log.warning("dropped a PUBLISH from %r to %r: clients never publish to $ topics",
-                        client_session.client_id, message.topic[:120])
-            metrics.ACL_DENIED.labels(action="publish").inc()
-            return True
-        return await super()._handle_message_delivery(client_session, handler, wait_deliver)
-
+    # -- CONNECT -------------------------------------------------------------------------------
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
                                          remote_port: int) -> tuple[BrokerProtocolHandler, Session]:
+        handler, session = await self._read_connect(reader, writer, remote_address, remote_port)
+        code = await self._admit(session)
+        if code:
+            await ConnackPacket.build(0, code).to_stream(writer)
+            await writer.close()
+            raise MQTTError(f"CONNECT refused with return code {code}")
+        session.attributes[ADMITTED] = True
+        bootstrap = info(session).kind == "bootstrap"  # type: ignore[union-attr]
+        if bootstrap:
+            session.clean_session = True  # nothing is kept for a password-less session: no queued replies
+        session.keep_alive = read_timeout(session.keep_alive, bootstrap=bootstrap)
+        session = await self._attach_session(session)
+        session.attributes[HANDLER] = handler
+        if bootstrap:
+            self.limiter.bootstrap_opened(remote_address)
+            session.attributes[BOOTSTRAP_SOURCE] = remote_address
+        return handler, session
+
+    async def _read_connect(self, reader: Any, writer: Any, remote_address: str,
+                            remote_port: int) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, session = await asyncio.wait_for(
+            return await asyncio.wait_for(
                 KeepAliveHandler.init_from_connect(reader, writer, self.plugins_manager), self.connect_timeout)
         except TimeoutError:
             log.warning("no CONNECT from %s:%s within %.0f s; closing", remote_address, remote_port,
@@ -184,17 +111,53 @@ class HardenedBroker(Broker):
             await writer.close()
             raise AMQTTError(exc) from exc
 
-        code = await self._admit(session)
+    async def _admit(self, session: Session) -> int:
+        """0 to admit, else the CONNACK return code. Runs before any session state changes."""
+        source = session.remote_address or ""
+        code = self._over_limits(session, source)
         if code:
-            await ConnackPacket.build(0, code).to_stream(writer)
-            await writer.close()
-            raise MQTTError(f"CONNECT refused with return code {code}")
-        session.attributes[ADMITTED] = True
+            return code
+        if not await super()._authenticate(session, None):  # type: ignore[arg-type]
+            return int(session.attributes.get("iotauth.connack", 5))
         meta = info(session)
-        if meta is not None and meta.kind == "bootstrap":
-            session.clean_session = True  # nothing is kept for a password-less session: no queued replies
-        session.keep_alive = read_timeout(session.keep_alive, bootstrap=meta is not None and meta.kind == "bootstrap")
+        stored = self._sessions.get(session.client_id or "")
+        if meta is not None and meta.kind == "bootstrap" and stored is not None:
+            other = info(stored[0])
+            # Connected or offline: a device's stored session holds its subscriptions and queued messages,
+            # which a password-less CONNECT must neither take over nor wipe.
+            if other is not None and other.kind == "device":
+                log.warning("bootstrap CONNECT tried to take over the session of device %r", session.client_id)
+                return 2
+        if meta is not None and meta.kind == "device":
+            self.limiter.refund(source)  # a device's own (re)connects never count against its address
+        return 0
 
+    def _over_limits(self, session: Session, source: str) -> int:
+        """CONNACK 3 when the source is over its CONNECT or bootstrap limit. A CONNECT carrying a live
+        token we issued to that ClientId passes (then is fully verified), so devices are unaffected."""
+        limiter = self.limiter
+        bootstrap = session.password is None
+        if not limiter.attempt(source) and (bootstrap or not self._names_live_token(session)):
+            reason = f"more than {limiter.attempts} CONNECT attempts within {limiter.window:g} s"
+        elif bootstrap and not limiter.bootstrap_allowed(source):
+            reason = f"{limiter.bootstrap_sessions} bootstrap sessions already open"
+        else:
+            return 0
+        metrics.CONNECTS.labels(outcome="limited").inc()
+        refused = limiter.note_refused(source)
+        if refused is not None:
+            log.warning("CONNECT from %s refused with CONNACK 3: %s (%d refused since the last such line)",
+                        source, reason, refused)
+        return SERVER_UNAVAILABLE
+
+    def _names_live_token(self, session: Session) -> bool:
+        if self.gate is None or not isinstance(session.password, str):
+            return False
+        return self.gate.service.names_live_token(session.client_id or "", session.password,
+                                                  self.gate.clock.now())
+
+    async def _attach_session(self, session: Session) -> Session:
+        """MQTT 3.1.4: a new connection takes over its ClientId's session (or starts clean)."""
         previous = self._sessions.get(session.client_id or "")
         if previous is not None and previous[0].transitions.is_connected():
             # MQTT-3.1.4-2: the previous connection of this ClientId is closed. Stock amqtt keeps it open
@@ -209,33 +172,77 @@ class HardenedBroker(Broker):
             session.parent = 0
         elif session.client_id in self._sessions:
             existing, _ = self._sessions[session.client_id]
+            # clean_session too: this connection's flag decides what happens at its end (stock amqtt kept
+            # the old one, so a session that began clean lost its subscriptions on every later disconnect)
             for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
-                         "username", "password", "attributes", "remote_address", "remote_port", "ssl_object"):
+                         "username", "password", "attributes", "remote_address", "remote_port", "ssl_object",
+                         "clean_session"):
                 setattr(existing, name, getattr(session, name))
             session = existing
             session.parent = 1
         else:
             session.parent = 0
-        session.attributes[HANDLER] = handler
-        return handler, session
-
-    async def _admit(self, session: Session) -> int:
-        """0 to admit, else the CONNACK return code. Runs before any session state changes."""
-        if not await super()._authenticate(session, None):  # type: ignore[arg-type]
-            return int(session.attributes.get("iotauth.connack", 5))
-        meta = info(session)
-        stored = self._sessions.get(session.client_id or "")
-        if meta is not None and meta.kind == "bootstrap" and stored is not None:
-            other = info(stored[0])
-            # Connected or offline: a device's stored session holds its subscriptions and queued messages,
-            # which a password-less CONNECT must neither take over nor wipe.
-            if other is not None and other.kind == "device":
-                log.warning("bootstrap CONNECT tried to take over the session of device %r", session.client_id)
-                return 2
-        return 0
+        return session
 
     async def _authenticate(self, session: Session, _: Any) -> bool:
         return session.attributes.get(ADMITTED) is True
+
+    async def _handle_client_session(self, reader: Any, writer: Any, session: Session, *args: Any) -> None:
+        try:
+            await super()._handle_client_session(reader, writer, session, *args)
+        finally:
+            source = session.attributes.pop(BOOTSTRAP_SOURCE, None)
+            if source is not None:
+                self.limiter.bootstrap_closed(source)
+
+    # -- PUBLISH and delivery ------------------------------------------------------------------------
+    async def _handle_message_delivery(self, client_session: Session, handler: BrokerProtocolHandler,
+                                       wait_deliver: asyncio.Future[Any]) -> bool:
+        """Stock amqtt's checks, plus: `$` topics dropped cleanly, and the PUBLISH's QoS kept for delivery."""
+        message = wait_deliver.result()
+        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id,
+                                              message=message)
+        if message is None:
+            return True
+        topic = message.topic
+        if not isinstance(topic, str) or not topic or "#" in topic or "+" in topic:
+            log.warning("closing %r: PUBLISH to an invalid topic name (MQTT-3.3.2-2)", client_session.client_id)
+            return False
+        if topic.startswith("$"):
+            log.warning("dropped a PUBLISH from %r to %r: clients never publish to $ topics",
+                        client_session.client_id, topic[:120])
+            metrics.ACL_DENIED.labels(action="publish").inc()
+            return True
+        if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
+            return True  # the plugin logged it
+        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id,
+                                              message=message)
+        await self._broadcast_message(client_session, topic, message.data, message.qos)
+        if message.publish_packet and message.publish_packet.retain_flag:
+            await self.retain_message(client_session, topic, message.data, message.qos)
+        return True
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
+        """Delivers one broadcast at min(publish QoS, subscription QoS). A broadcast's "qos" is the QoS it
+        was published with (stock amqtt read it as a QoS to force on every subscriber)."""
+        broadcast = await self._broadcast_queue.get()
+        topic, data = broadcast["topic"], broadcast["data"]
+        published_qos = broadcast.get("qos", QOS_2)
+        for topic_filter, subscriptions in list(self._subscriptions.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            for target, granted_qos in subscriptions:
+                qos = min(published_qos, granted_qos)
+                if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
+                    continue
+                if target.transitions.state != "connected":
+                    # MQTT 3.1.2.4: a persistent session keeps QoS 1 and 2 messages while offline
+                    if not target.clean_session and qos > 0 and not target.is_anonymous:
+                        await self._retain_broadcast_message(broadcast, qos, target)
+                    continue
+                handler = self._get_handler(target)
+                if handler:
+                    running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False)))
 
     async def retain_message(self, source_session: Session | None, topic_name: str | None,
                              data: bytes | bytearray | None, qos: int | None = None) -> None:
@@ -278,7 +285,10 @@ async def start_broker(service: AuthService, clock: Clock, host: str, port: int,
                        broker_cls: type[Broker] = HardenedBroker) -> tuple[HardenedBroker, Gate]:
     broker = broker_cls(broker_config(host, port))
     broker.connect_timeout = service.settings.connect_timeout
-    broker.max_packet_size = service.settings.max_packet_size
+    settings = service.settings
+    broker.max_packet_size = settings.max_packet_size
+    broker.limiter = ConnectLimiter(settings.connect_attempts_per_source, settings.connect_attempt_window,  # type: ignore[attr-defined]
+                                    settings.bootstrap_sessions_per_source)
     plugin = broker.plugins_manager.get_plugin("IotAuthPlugin")
     assert isinstance(plugin, IotAuthPlugin)
     gate = Gate(broker, service, clock)

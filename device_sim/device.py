@@ -97,6 +97,7 @@ MAX_WAIT_SLICE = 1.0  # the serve loop looks at the (possibly injected) clock at
 
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 section 3.3
 _TRANSIENT = (RequestTimeout, TimeoutError, OSError, ServiceBusy)
+SERVER_UNAVAILABLE = 3  # CONNACK: over the broker's per-address CONNECT limits (protocol section 6)
 
 
 # -- the device -----------------------------------------------------------------
@@ -537,11 +538,18 @@ class Device:
             try:
                 self._ensure_tokens()
                 self.connect()
-            except ConnectRefused:
-                refusals += 1
-                if refusals >= 2:
+            except ConnectRefused as exc:
+                if exc.code != SERVER_UNAVAILABLE:
+                    refusals += 1
+                    if refusals >= 2:
+                        raise
+                    self._tokens = None  # a new access token and a fresh nonce, then one more try
+                    continue
+                if once:
                     raise
-                self._tokens = None  # a new access token and a fresh nonce, then one more try
+                attempt += 1  # CONNACK 3: the broker limits CONNECTs from this address; wait and retry
+                self._emit(ev.ERROR, message=str(exc), retry_in=backoff_delay(attempt))
+                self._pause(backoff_delay(attempt))
                 continue
             except _TRANSIENT as exc:
                 if once:

@@ -302,3 +302,17 @@ def test_device_waits_out_a_busy_service_and_then_pairs(quick, make_device):
     quick.approve(shown.data["user_code"])
     assert events.wait_for("connected", WAIT)
     assert thermo.error is None
+
+
+def test_device_waits_out_the_brokers_per_address_limit_and_then_pairs(quick, make_device):
+    limiter = quick.run.broker.limiter
+    quick.call(setattr, limiter, "bootstrap_sessions", 0)  # every bootstrap CONNECT: CONNACK 3
+    thermo, events = make_device("thermo-1")
+    thermo.start()
+    limited = events.wait_for("error", WAIT)
+    assert "server unavailable (CONNACK 3)" in limited.data["message"] and limited.data["retry_in"] > 0
+    quick.call(setattr, limiter, "bootstrap_sessions", 50)
+    shown = events.wait_for("code_shown", 3 * WAIT)
+    quick.approve(shown.data["user_code"])
+    assert events.wait_for("connected", WAIT)
+    assert thermo.error is None

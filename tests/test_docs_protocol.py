@@ -111,10 +111,15 @@ def test_limits_and_timers_match_the_defaults():
     assert f"fixed {proof['nonce_step'] // 60}-minute steps" in limits
     assert f"| ±{proof['iat_window']} s |" in limits
     assert f"| {mqtt['connect_timeout']} s |" in limits
+    window = f"{mqtt['connect_attempts_per_source']} in {mqtt['connect_attempt_window']} s"
+    assert f"| CONNECTs per network address | {window}, not counting" in limits
+    assert f"| bootstrap sessions per network address | {mqtt['bootstrap_sessions_per_source']} at once" in limits
+    assert f"more than {mqtt['connect_attempts_per_source']} CONNECTs in {mqtt['connect_attempt_window']} s" \
+        in section("6. CONNECT")
     assert f"`{mqtt['audience']}`" in DOC
 
 
-@pytest.mark.parametrize("code", [0, 2, 5])
+@pytest.mark.parametrize("code", [0, 2, 3, 5])
 def test_connack_codes_are_explained(code):
     assert re.search(rf"^\| {code} \| \w", section("6. CONNECT"), re.MULTILINE)
 

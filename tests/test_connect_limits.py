@@ -1,0 +1,277 @@
+"""Issue 3 points 10 and 11: per-source CONNECT limits and delivery QoS, each also run on amqtt's stock
+`Broker` (the `stock` variants are strict xfails: should stock amqtt ever pass, the suite goes red).
+
+| point | stock amqtt 0.12.1 Broker | ours |
+|---|---|---|
+| 10 CONNECT flood | every attempt is processed, however many | 21st non-device attempt in 10 s gets CONNACK 3 |
+| 10 bootstrap sessions | unlimited | 51st concurrent one from a source gets CONNACK 3 |
+| 10 devices | - | a device with a live token still connects from that source |
+| 11 delivery QoS | the subscription's QoS | min(publish QoS, subscription QoS) |
+| 11 offline queue | a QoS 0 message is queued, at the subscription's QoS | only QoS 1 and 2 are kept |
+| resumed session | keeps the first connection's clean-session flag, so drops its subscriptions | persistent |
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import time
+from typing import Any
+
+import pytest
+from amqtt.broker import Broker
+
+from broker.limits import MAX_SOURCES, ConnectLimiter
+from broker.server import HardenedBroker
+from tests.conftest import start_server
+from tests.wire import Device, Mqtt
+
+
+class Now:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def limiter(attempts: int = 3, window: float = 10.0, bootstrap: int = 2) -> tuple[ConnectLimiter, Now]:
+    now = Now()
+    return ConnectLimiter(attempts, window, bootstrap, now=now), now
+
+
+def test_attempts_are_limited_per_source_within_the_window() -> None:
+    lim, now = limiter()
+    assert [lim.attempt("10.0.0.9") for _ in range(4)] == [True, True, True, False]
+    assert lim.attempt("10.0.0.8")  # another source is unaffected
+    now.t += 10.5
+    assert lim.attempt("10.0.0.9")
+
+
+def test_refused_attempts_keep_a_hammering_source_refused() -> None:
+    lim, now = limiter()
+    for _ in range(3):
+        lim.attempt("10.0.0.9")
+    for _ in range(20):
+        now.t += 1
+        assert not lim.attempt("10.0.0.9")
+
+
+def test_a_refunded_attempt_does_not_count() -> None:
+    lim, _ = limiter()
+    for _ in range(10):
+        assert lim.attempt("10.0.0.9")
+        lim.refund("10.0.0.9")  # a device authenticated
+    assert [lim.attempt("10.0.0.9") for _ in range(4)] == [True, True, True, False]
+
+
+def test_bootstrap_slots_are_counted_and_freed() -> None:
+    lim, _ = limiter(bootstrap=2)
+    lim.bootstrap_opened("a")
+    lim.bootstrap_opened("a")
+    assert not lim.bootstrap_allowed("a") and lim.bootstrap_allowed("b")
+    lim.bootstrap_closed("a")
+    assert lim.bootstrap_allowed("a")
+
+
+def test_refusals_are_logged_at_most_once_per_window_with_a_count() -> None:
+    lim, now = limiter(window=10)
+    assert lim.note_refused("a") == 1
+    assert [lim.note_refused("a") for _ in range(5)] == [None] * 5
+    now.t += 10
+    assert lim.note_refused("a") == 6
+
+
+def test_memory_stays_bounded_under_many_sources() -> None:
+    lim, _ = limiter()
+    for i in range(MAX_SOURCES + 500):
+        lim.attempt(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+        lim.note_refused(f"s{i}")
+    assert len(lim._seen) <= MAX_SOURCES and len(lim._refusals) <= MAX_SOURCES
+
+
+BROKERS = {"ours": HardenedBroker, "stock": Broker}
+STOCK_FAILS = pytest.mark.xfail(
+    strict=True, reason="stock amqtt has no per-source limits and delivers at the subscription's QoS")
+FLAVOURS = ["ours", pytest.param("stock", marks=STOCK_FAILS)]
+QOS_CASES = [(0, 2, 0), (1, 2, 1), (0, 1, 0)]  # (published, granted, delivered)
+
+
+def connect_raw(port: int, client_id: str, password: bytes | None = None) -> tuple[socket.socket, int | None]:
+    """A CONNECT on a raw socket; returns the socket and the CONNACK return code (None: closed unanswered)."""
+    cid = client_id.encode()
+    flags = 0x02 | (0xC0 if password is not None else 0)
+    payload = struct.pack("!H", len(cid)) + cid
+    if password is not None:
+        payload += struct.pack("!H", len(cid)) + cid + struct.pack("!H", len(password)) + password
+    variable = b"\x00\x04MQTT\x04" + bytes([flags]) + struct.pack("!H", 30)
+    body = variable + payload
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(5)
+    sock.sendall(bytes([0x10, len(body)]) + body)
+    reply = sock.recv(4)
+    return sock, (reply[3] if len(reply) == 4 else None)
+
+
+def paired(srv: Any, client_id: str) -> tuple[Device, dict[str, Any], Mqtt]:
+    dev = Device(srv.mqtt_port, client_id, srv.clock)
+    auth = dev.authorize()
+    srv.approve(auth["user_code"])
+    tokens = dev.poll(auth["device_code"])
+    return dev, tokens, dev.session(tokens["access_token"])
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_connect_flood_is_refused_with_connack_3_and_devices_are_unaffected(settings, clock, caplog, flavour):
+    srv = start_server(settings, clock, broker_cls=BROKERS[flavour])
+    try:
+        thermo, tokens, live = paired(srv, "thermo-1")
+        _, _, panel = paired(srv, "panel-1")
+        assert panel.subscribe("home/+/temperature") == [1]
+        with caplog.at_level(logging.WARNING, logger="iotauth.broker"):
+            codes = []
+            for _ in range(25):
+                sock, code = connect_raw(srv.mqtt_port, "thermo-1", b"forged-token forged-proof")
+                sock.close()
+                codes.append(code)
+            assert set(codes[:15]) == {5}  # authentication failures while within the limit
+            assert codes[-5:] == [3] * 5, codes  # then "server unavailable": try later
+            sock, code = connect_raw(srv.mqtt_port, "boot-flood")
+            sock.close()
+            assert code == 3  # a bootstrap session from that source too
+        assert "refused with CONNACK 3: more than 20 CONNECT attempts within 10 s" in caplog.text
+        assert caplog.text.count("refused with CONNACK 3") == 1  # one line per window, not one per attempt
+
+        live.publish("home/thermo-1/temperature", b"21.5")  # the live device works on
+        assert panel.wait_message("home/thermo-1/temperature") == [b"21.5"]
+        again = thermo.session(tokens["access_token"])  # and a device with a live token still gets in
+        assert again.connack == 0
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_concurrent_bootstrap_sessions_per_source_are_capped_at_50(settings, clock, flavour):
+    srv = start_server(settings, clock, "[mqtt]\nconnect_attempts_per_source = 500\n", broker_cls=BROKERS[flavour])
+    socks = []
+    try:
+        lamp = Device(srv.mqtt_port, "lamp-1", srv.clock)  # its request session is one of the 50
+        auth = lamp.authorize()
+        srv.approve(auth["user_code"])
+        tokens = lamp.poll(auth["device_code"])
+        for i in range(49):
+            sock, code = connect_raw(srv.mqtt_port, f"boot{i}")
+            socks.append(sock)
+            assert code == 0, i
+        sock, code = connect_raw(srv.mqtt_port, "boot-extra")
+        socks.append(sock)
+        assert code == 3
+        assert lamp.session(tokens["access_token"]).connack == 0  # devices are unaffected
+        socks.pop(0).close()  # a slot frees when a bootstrap session ends
+        sock, code = connect_when_admitted(srv.mqtt_port, "boot-again")
+        socks.append(sock)
+        assert code == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        wait_until(lambda: not srv.call(lambda: srv.run.broker.limiter._bootstrap.get("127.0.0.1", 0) > 1))
+        srv.stop()
+
+
+def offline(srv: Any, client_id: str) -> None:
+    """Waits until the broker has seen the client's connection end."""
+    def gone() -> bool:
+        stored = srv.run.broker._sessions.get(client_id)
+        return stored is None or not stored[0].transitions.is_connected()
+    wait_until(lambda: srv.call(gone))
+
+
+def wait_until(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def connect_when_admitted(port: int, client_id: str, tries: int = 40) -> tuple[socket.socket, int | None]:
+    """The server notices a closed socket a moment later: retry a bootstrap CONNECT until admitted."""
+    for _ in range(tries):
+        sock, code = connect_raw(port, client_id)
+        if code == 0:
+            break
+        sock.close()
+        time.sleep(0.05)
+    return sock, code
+
+
+@pytest.mark.parametrize(("flavour", "published", "granted", "delivered"), [
+    *[("ours", *case) for case in QOS_CASES],
+    *[pytest.param("stock", *case, marks=STOCK_FAILS) for case in QOS_CASES],
+    ("ours", 2, 1, 1),  # stock gets this one right: the subscription's QoS is the minimum here
+])
+def test_delivery_qos_is_the_minimum_of_publish_and_subscription(settings, clock, flavour, published, granted,
+                                                                 delivered):
+    srv = start_server(settings, clock, broker_cls=BROKERS[flavour])
+    try:
+        _, _, thermo = paired(srv, "thermo-1")
+        _, _, panel = paired(srv, "panel-1")
+        assert panel.subscribe("home/+/temperature", qos=granted) == [granted]
+        thermo.publish("home/thermo-1/temperature", b"20.0", qos=published)
+        assert panel.wait_message("home/thermo-1/temperature") == [b"20.0"]
+        assert panel.flags == [("home/thermo-1/temperature", delivered, False)]
+    finally:
+        srv.stop()
+
+
+def queued_for(srv: Any, client_id: str, count: int) -> int:
+    """How many messages wait for the offline session, once the broker has handled `count` broadcasts."""
+    def size() -> int:
+        stored = srv.run.broker._sessions.get(client_id)
+        return stored[0].retained_messages.qsize() if stored else 0
+    wait_until(lambda: srv.call(size) >= count, timeout=1.0)
+    return srv.call(size)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_qos_0_publish_is_not_queued_for_an_offline_session(settings, clock, flavour):
+    srv = start_server(settings, clock, broker_cls=BROKERS[flavour])
+    try:
+        _, _, thermo = paired(srv, "thermo-1")
+        panel_dev = Device(srv.mqtt_port, "panel-1", srv.clock)
+        auth = panel_dev.authorize()
+        srv.approve(auth["user_code"])
+        tokens = panel_dev.poll(auth["device_code"])
+        panel = panel_dev.session(tokens["access_token"], clean=False)
+        assert panel.subscribe("home/+/temperature", qos=1) == [1]
+        panel.close()
+        offline(srv, "panel-1")
+        thermo.publish("home/thermo-1/temperature", b"qos0", qos=0)
+        thermo.publish("home/thermo-1/temperature", b"qos1", qos=1)
+        assert queued_for(srv, "panel-1", 2) == 1  # MQTT 3.1.2.4: only QoS 1 and 2 messages are kept
+        back = panel_dev.session(tokens["access_token"], clean=False)
+        assert back.wait_message("home/thermo-1/temperature") == [b"qos1"]
+        assert back.flags == [("home/thermo-1/temperature", 1, False)]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_session_resumed_without_clean_session_keeps_its_subscriptions_offline(settings, clock, flavour):
+    """A session that began clean and is resumed with clean session 0 is persistent from then on:
+    stock amqtt kept the first connection's flag and dropped it at every later disconnect."""
+    srv = start_server(settings, clock, broker_cls=BROKERS[flavour])
+    try:
+        _, _, thermo = paired(srv, "thermo-1")
+        panel_dev, tokens, panel = paired(srv, "panel-1")  # clean session
+        panel.close()
+        offline(srv, "panel-1")
+        panel = panel_dev.session(tokens["access_token"], clean=False)
+        assert panel.subscribe("home/+/temperature", qos=1) == [1]
+        panel.close()
+        offline(srv, "panel-1")
+        thermo.publish("home/thermo-1/temperature", b"while away", qos=1)
+        assert queued_for(srv, "panel-1", 1) == 1
+        back = panel_dev.session(tokens["access_token"], clean=False)
+        assert back.wait_message("home/thermo-1/temperature") == [b"while away"]
+    finally:
+        srv.stop()
