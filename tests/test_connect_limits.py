@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import socket
 import struct
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 from amqtt.broker import Broker
 
+from authsvc.service import unverified_jti
 from broker.limits import MAX_SOURCES, ConnectLimiter
 from broker.server import HardenedBroker
 from tests.conftest import start_server
@@ -275,3 +277,19 @@ def test_a_session_resumed_without_clean_session_keeps_its_subscriptions_offline
         assert back.wait_message("home/thermo-1/temperature") == [b"while away"]
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("token", [
+    "", "a.b", "a.b.c.d", "x." + "A" * 5000 + ".y", "x.!!!.y", "x.\u00e9.y",
+    "x.WzFd.y",  # [1]
+    "x.eyJqdGkiOjF9.y",  # {"jti":1}
+    "x.eyJqdGkiOiIifQ.y",  # {"jti":""}
+    "x.gA.y",  # not UTF-8
+    "x." + base64.urlsafe_b64encode(b"[" * 3000 + b"]" * 3000).decode().rstrip("=") + ".y",
+])
+def test_unverified_jti_reads_hostile_tokens_without_raising(token: str) -> None:
+    assert unverified_jti(token) is None
+
+
+def test_unverified_jti_reads_the_claim() -> None:
+    assert unverified_jti("x.eyJqdGkiOiJhYmMifQ.y") == "abc"
