@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,14 +17,18 @@ import typer
 from authsvc.config import ConfigError, Settings, default_data_dir, load_settings
 from authsvc.datadir import ADMIN_USER, DataDirError, init_data_dir, open_service
 from authsvc.errors import ActivationError, RegistrationError
-from authsvc.keys import SealError
+from authsvc.keyring import KeyRing
+from authsvc.keys import SealError, SigningKey
 from authsvc.service import AuthService
 from authsvc.store import StoreError
+from authsvc.tokens import TIME_LEEWAY
 
 app = typer.Typer(help="iotauth: local, MQTT-native OAuth 2.0 for personal IoT devices.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 clients_app = typer.Typer(help="Register, list and remove devices (OAuth clients).", no_args_is_help=True)
 app.add_typer(clients_app, name="clients")
+keys_app = typer.Typer(help="List and rotate the keys that sign access tokens.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 KNOWN_ERRORS = (ConfigError, DataDirError, RegistrationError, ActivationError, StoreError, SealError, OSError)
 DataDir = Annotated[Path | None, typer.Option("--data-dir", envvar="IOTAUTH_DATA_DIR",
@@ -114,6 +119,41 @@ def clients_remove(client_id: str, data_dir: DataDir = None) -> None:
     with opened(data_dir) as service, known_errors():
         service.remove_client(client_id, time.time())
     typer.echo(f"removed {client_id}")
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _key_state(keys: KeyRing, key: SigningKey, now: float) -> str:
+    if key.retired is None:
+        return "active"
+    until = keys.published_until(key)
+    shown = "published until" if now < until else "no longer published since"
+    return f"retired {_when(key.retired)}, {shown} {_when(until)}"
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = None) -> None:
+    """List the signing keys: kid, created, and active or retired (and until when still published)."""
+    now = time.time()
+    with opened(data_dir) as service:
+        keys = service.keys
+        for key in keys.all_keys():
+            typer.echo(f"{key.kid}\tcreated {_when(key.created)}\t{_key_state(keys, key, now)}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(data_dir: DataDir = None) -> None:
+    """Make a new ES256 signing key active; the old one stays published until every token it signed expired.
+
+    A running `iotauth serve` picks the new key up within a second, without a restart."""
+    with opened(data_dir) as service, known_errors():
+        rotation = service.keys.rotate(time.time())
+    ttl = service.settings.access_ttl
+    typer.echo(f"new signing key {rotation.new.kid} is active (a running server switches within a second)")
+    typer.echo(f"the previous key {rotation.previous.kid} stays in the JWKS until {_when(rotation.published_until)}"
+               f" (access token lifetime {ttl} s + {TIME_LEEWAY} s), then drops out")
 
 
 @app.command()

@@ -10,7 +10,8 @@ from pathlib import Path
 from authsvc.accounts import generate_password, hash_password
 from authsvc.config import Settings
 from authsvc.keyring import KeyRing
-from authsvc.keys import Sealer, SealError, load_master_key, master_key_file
+from authsvc.keys import Sealer, SealError
+from authsvc.masterkey import MASTER_KEY_ENV, create_master_key, load_master_key, master_key_file
 from authsvc.service import AuthService
 from authsvc.store import Store, StoreError
 
@@ -35,17 +36,18 @@ def init_data_dir(settings: Settings, *, force: bool, now: float) -> InitReport:
         if not force:
             raise DataDirError(f"{data_dir} already holds an iotauth database; use --force to start over")
         shutil.rmtree(data_dir)
-        if os.environ.get("IOTAUTH_MASTER_KEY") is None:
+        if os.environ.get(MASTER_KEY_ENV) is None:
             master_key_file(data_dir).unlink(missing_ok=True)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(data_dir, 0o700)
     try:
-        key, source = load_master_key(data_dir, create=True)
+        master = create_master_key(data_dir)
         store = Store.open(settings.db_path, create=True)
     except (SealError, StoreError, OSError) as exc:
         raise DataDirError(str(exc)) from None
     os.chmod(settings.db_path, 0o600)
-    keyring = KeyRing(store, Sealer(key), settings.access_ttl)
+    store.record_master_key_source(master.source, master.entry)  # where, never what: `serve` looks there
+    keyring = KeyRing(store, Sealer(master.key), settings.access_ttl)
     keyring.ensure_signing_key(now)
     password = os.environ.get(ADMIN_PASSWORD_ENV)
     generated = None
@@ -53,7 +55,7 @@ def init_data_dir(settings: Settings, *, force: bool, now: float) -> InitReport:
         password = generated = generate_password()
     store.add_user(ADMIN_USER, hash_password(password), now)
     store.close()
-    return InitReport(data_dir, source, generated)
+    return InitReport(data_dir, master.where, generated)
 
 
 def open_service(settings: Settings) -> AuthService:
@@ -62,15 +64,15 @@ def open_service(settings: Settings) -> AuthService:
     except StoreError as exc:
         raise DataDirError(str(exc)) from None
     try:
-        key, source = load_master_key(settings.data_dir)
+        master = load_master_key(settings.data_dir, *store.master_key_source())
     except SealError as exc:
         store.close()
         raise DataDirError(f"{settings.data_dir}: {exc}") from None
     try:
-        keyring = KeyRing(store, Sealer(key), settings.access_ttl)
+        keyring = KeyRing(store, Sealer(master.key), settings.access_ttl)
     except SealError as exc:
         store.close()
-        raise DataDirError(f"{settings.data_dir}: {exc} (master key from {source})") from None
+        raise DataDirError(f"{settings.data_dir}: {exc} (master key from {master.where})") from None
     if not keyring.verification_keys():
         store.close()
         raise DataDirError(f"{settings.db_path}: no signing key; run `iotauth init --force`")

@@ -1,8 +1,9 @@
-"""Secrets at rest: the master key, AES-GCM sealing, ES256 signing keys and the JWKS (RFC 7517).
+"""Secrets at rest: AES-GCM sealing under the master key, ES256 signing keys and the JWKS (RFC 7517).
 
 Nothing secret is written in plaintext: signing keys and server secrets are
-sealed with a 256-bit master key taken from `IOTAUTH_MASTER_KEY` (base64url),
-else from a 0600 key file beside the data dir.
+sealed with a 256-bit master key (where it comes from: authsvc/masterkey.py).
+A key set holds one active key and, for as long as tokens they signed may still
+be valid, the retired ones (authsvc/keyring.py).
 """
 
 from __future__ import annotations
@@ -11,22 +12,19 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from joserfc.jwk import ECKey
 
-MASTER_KEY_ENV = "IOTAUTH_MASTER_KEY"
 SIGNING_ALG = "ES256"
 
 
 class SealError(ValueError):
-    """A sealed value could not be opened: wrong master key or tampered data."""
+    """No usable master key, or a sealed value could not be opened (wrong master key or tampered data)."""
 
 
 def b64u(data: bytes) -> str:
@@ -35,42 +33,6 @@ def b64u(data: bytes) -> str:
 
 def b64u_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def master_key_file(data_dir: Path) -> Path:
-    return data_dir.parent / f"{data_dir.name}.masterkey"
-
-
-def load_master_key(data_dir: Path, *, create: bool = False) -> tuple[bytes, str]:
-    """Return (key, where it came from). Creates the key file only when asked (at `init`)."""
-    env = os.environ.get(MASTER_KEY_ENV)
-    if env:
-        try:
-            key = b64u_decode(env.strip())
-        except (ValueError, TypeError):
-            key = b""
-        if len(key) != 32:
-            raise SealError(f"{MASTER_KEY_ENV} must be 32 bytes encoded as base64url (43 characters)")
-        return key, f"the {MASTER_KEY_ENV} environment variable"
-    path = master_key_file(data_dir)
-    if path.exists():
-        if path.stat().st_mode & 0o077:
-            raise SealError(f"{path}: the master key file is readable by other users; run `chmod 600 {path}`")
-        try:
-            key = b64u_decode(path.read_text(encoding="ascii").strip())
-        except (ValueError, OSError):  # binascii.Error and UnicodeDecodeError are ValueErrors
-            key = b""
-        if len(key) != 32:
-            raise SealError(f"{path}: not a 32-byte base64url master key")
-        return key, f"the key file {path}"
-    if not create:
-        raise SealError(f"no master key: set {MASTER_KEY_ENV} or run `iotauth init` (expected {path})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(b64u(key) + "\n")
-    return key, f"the key file {path} (mode 0600)"
 
 
 class Sealer:

@@ -214,6 +214,36 @@ class Store:
     def put_secret(self, name: str, sealed: str) -> None:
         self._write("INSERT OR REPLACE INTO secrets (name, sealed) VALUES (?, ?)", (name, sealed))
 
+    # -- key rotation and the master key's source (`iotauth keys rotate`, `iotauth init`) -------
+    def rotate_signing_key(self, kid: str, sealed: str, now: float) -> None:
+        """Retire the active key and add the new one at once; a new key-set generation tells a running server."""
+        with self.transaction():
+            self._write("UPDATE signing_keys SET retired = ? WHERE retired IS NULL", (now,))
+            self.add_signing_key(kid, sealed, now)
+            self._write("INSERT INTO meta (key, value) VALUES ('key_generation', '1') ON CONFLICT (key)"
+                        " DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+
+    def drop_retired_signing_keys(self, retired_before: float) -> int:
+        return self._write("DELETE FROM signing_keys WHERE retired IS NOT NULL AND retired < ?", (retired_before,))
+
+    def key_generation(self) -> int:
+        """Cheap enough to read every sweep: changes only when the key set does."""
+        row = self._one("SELECT value FROM meta WHERE key = 'key_generation'")
+        return int(row["value"]) if row else 0
+
+    def record_master_key_source(self, source: str, entry: str | None) -> None:
+        with self.transaction():
+            self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('master_key_source', ?)", (source,))
+            self._write("DELETE FROM meta WHERE key = 'master_key_entry'")
+            if entry is not None:
+                self._write("INSERT INTO meta (key, value) VALUES ('master_key_entry', ?)", (entry,))
+
+    def master_key_source(self) -> tuple[str | None, str | None]:
+        """(source, keyring entry) as recorded at `init`; (None, None) for a data dir from before they were."""
+        rows = dict(self.conn.execute(
+            "SELECT key, value FROM meta WHERE key IN ('master_key_source', 'master_key_entry')").fetchall())
+        return rows.get("master_key_source"), rows.get("master_key_entry")
+
     # -- device codes (RFC 8628) ---------------------------------------------------
     def add_device_code(self, code: DeviceCode) -> bool:
         try:

@@ -2,7 +2,8 @@
 
 Requests published on the protocol topics go to `MqttApi`; replies and the retained JWKS go out
 through the broker; sessions are closed at token expiry and, within a second, on revocation by any
-process (the revocation feed lives in the database).
+process (the revocation feed lives in the database). A signing-key rotation by any process is picked
+up by the same sweep, and the retained JWKS re-published.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Gate:
         self._devices: dict[int, Session] = {}
         self._wake = asyncio.Event()
         self._last_revocation = service.store.last_revocation_id()
+        self._jwks_version: int | None = None  # the key set last published on P/jwks
         self._task: asyncio.Task[None] | None = None
         self.on_acl_denied: list[Callable[[str | None, str, str], None]] = []  # (client_id, action, topic)
         service.on_revocation.append(self.wake)
@@ -66,8 +68,24 @@ class Gate:
         await self.broker.internal_message_broadcast(topic, data, 1)
 
     async def publish_jwks(self) -> None:
-        data = json.dumps(self.service.keys.jwks(), separators=(",", ":")).encode()
-        await self.broker.retain_message(None, f"{self.service.settings.prefix}/jwks", data, 1)
+        """Retained for later subscribers, and sent to the current ones (amqtt's retain_message only stores)."""
+        keys = self.service.keys
+        keys.refresh(self.clock.now())
+        self._jwks_version = keys.version
+        topic = f"{self.service.settings.prefix}/jwks"
+        data = json.dumps(keys.jwks(), separators=(",", ":")).encode()
+        await self.broker.retain_message(None, topic, data, 1)
+        await self.publish(topic, data)
+
+    async def follow_keys(self) -> None:
+        """Pick up `iotauth keys rotate` (another process) and let retired keys age out: new tokens are signed
+        with the new key at once, CONNECT verifies with the new set, and the retained JWKS follows."""
+        keys = self.service.keys
+        keys.refresh(self.clock.now())
+        if keys.version != self._jwks_version:
+            log.info("signing keys changed: publishing %d key(s) on %s/jwks", len(keys.jwks()["keys"]),
+                     self.service.settings.prefix)
+            await self.publish_jwks()
 
     def track(self, session: Session) -> None:
         meta = info(session)
@@ -103,6 +121,10 @@ class Gate:
                 await self.sweep()
             except Exception:
                 log.exception("session sweep failed")
+            try:
+                await self.follow_keys()
+            except Exception:
+                log.exception("following the signing keys failed")
 
     async def sweep(self) -> None:
         """Close sessions whose token expired or whose grant or token was revoked (by any process)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import threading
 import time
@@ -18,6 +19,10 @@ from authsvc.datadir import init_data_dir, open_service
 from authsvc.errors import OAuthError
 from authsvc.runtime import Running, running
 from broker.server import HardenedBroker
+
+# Tests never touch the developer's own OS keyring: `init` keeps the key file (subprocesses inherit this);
+# tests/test_keys.py unsets it around an in-memory keyring backend.
+os.environ["IOTAUTH_KEYRING"] = "0"
 
 ADMIN_PASSWORD = "correct horse battery staple"
 ENV = ("IOTAUTH_MASTER_KEY", "IOTAUTH_ACCESS_TOKEN_TTL", "IOTAUTH_ADMIN_PASSWORD", "IOTAUTH_DATA_DIR")

@@ -48,6 +48,7 @@ def create_app(service: AuthService, clock: Clock) -> Starlette:
         return JSONResponse(metadata_document(service))
 
     async def jwks(request: Request) -> Response:
+        service.keys.refresh(clock.now())  # the current set, even between two sweeps after `iotauth keys rotate`
         return JSONResponse(service.keys.jwks(), headers={"Cache-Control": "max-age=300"})
 
     async def health(request: Request) -> Response:
