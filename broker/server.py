@@ -79,7 +79,11 @@ class HardenedBroker(Broker):
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
                                          remote_port: int) -> tuple[BrokerProtocolHandler, Session]:
         handler, session = await self._read_connect(reader, writer, remote_address, remote_port)
-        code = await self._admit(session)
+        try:
+            code = await self._admit(session)
+        except Exception:  # fail closed: refused and closed, never admitted, never a socket left without a session
+            log.exception("CONNECT check failed; refusing %r from %s", (session.client_id or "")[:80], remote_address)
+            code = 5
         if code:
             await ConnackPacket.build(0, code).to_stream(writer)
             await writer.close()

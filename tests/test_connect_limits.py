@@ -293,3 +293,21 @@ def test_unverified_jti_reads_hostile_tokens_without_raising(token: str) -> None
 
 def test_unverified_jti_reads_the_claim() -> None:
     assert unverified_jti("x.eyJqdGkiOiJhYmMifQ.y") == "abc"
+
+
+def test_a_fault_in_the_brokers_own_connect_checks_refuses_and_the_broker_serves_on(server, caplog):
+    def broken(source: str) -> bool:
+        raise RuntimeError("limiter broke")
+
+    limiter = server.run.broker.limiter
+    with caplog.at_level(logging.ERROR, logger="iotauth.broker"):
+        server.call(setattr, limiter, "attempt", broken)
+        sock, code = connect_raw(server.mqtt_port, "boot-fault")
+        assert code == 5
+        assert sock.recv(1) == b""  # closed by the server
+        sock.close()
+    assert "CONNECT check failed" in caplog.text and "RuntimeError: limiter broke" in caplog.text
+    server.call(delattr, limiter, "attempt")
+    sock, code = connect_raw(server.mqtt_port, "boot-after")
+    sock.close()
+    assert code == 0
