@@ -6,6 +6,8 @@ import base64
 import hashlib
 import json
 import secrets
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -21,6 +23,39 @@ AUDIENCE = "mqtt://localhost:1883"
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 # paho reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map them back to the 3.1.1 return codes
 V5_TO_V311_CONNACK = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+CONNACK_ACCEPTED = b"\x20\x02\x00\x00"  # raw CONNACK, return code 0
+
+
+def remaining_length(n: int) -> bytes:
+    """MQTT's variable-length "remaining length" encoding (1-4 bytes, 3.1.1 section 2.2.3)."""
+    out = bytearray()
+    while True:
+        n, byte = divmod(n, 128)
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def connect_packet(client_id: str, keep_alive: int) -> bytes:
+    """A raw MQTT 3.1.1 CONNECT: clean session, no username, password or Will (a bootstrap CONNECT)."""
+    cid = client_id.encode()
+    variable = b"\x00\x04MQTT\x04\x02" + struct.pack("!H", keep_alive)
+    payload = struct.pack("!H", len(cid)) + cid
+    return b"\x10" + remaining_length(len(variable) + len(payload)) + variable + payload
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed the socket, or None if it stayed open."""
+    start = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start
 
 
 def b64u(data: bytes) -> str:
