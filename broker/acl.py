@@ -311,7 +311,7 @@ def _parse_scope(name: str, entry: object, source: str, prefix: str) -> ScopeRul
 # --------------------------------------------------------------------------- compiled session ACL
 
 
-def _unshare(topic_filter: str) -> str | None:
+def unshare(topic_filter: str) -> str | None:
     """``$share/<group>/<filter>`` -> ``<filter>``; malformed shares -> None; other filters unchanged."""
     if topic_filter.split("/", 1)[0] != _SHARE:
         return topic_filter
@@ -404,7 +404,7 @@ class SessionACL:
     def _subscribe_decision(self, topic_filter: str) -> bool:
         if not valid_topic_filter(topic_filter):
             return False
-        inner = _unshare(topic_filter)
+        inner = unshare(topic_filter)
         if inner is None or not valid_topic_filter(inner):
             return False
         if self._table_receivable(inner):

@@ -40,6 +40,7 @@ from amqtt.utils import gen_client_id
 from authsvc import metrics
 from authsvc.clock import Clock
 from authsvc.service import AuthService
+from broker.acl import unshare
 from broker.gate import HANDLER, Gate, close_connection
 from broker.limits import ConnectLimiter
 from broker.packets import KeepAliveHandler, PacketLimitReader, PacketTooLarge, read_timeout
@@ -69,6 +70,7 @@ class HardenedBroker(Broker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limiter = ConnectLimiter(attempts=20, window=10.0, bootstrap_sessions=50)  # start_broker sets it
+        self._share_turn: dict[str, int] = {}  # shared subscription filter -> next member to deliver to
 
     async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                listener_name: str) -> None:
@@ -233,8 +235,11 @@ class HardenedBroker(Broker):
         topic, data = broadcast["topic"], broadcast["data"]
         published_qos = broadcast.get("qos", QOS_2)
         for topic_filter, subscriptions in list(self._subscriptions.items()):
-            if not self._matches(topic, topic_filter):
+            inner = unshare(topic_filter)
+            if inner is None or not self._matches(topic, inner):
                 continue
+            if inner != topic_filter:
+                subscriptions = self._share_in_turn(topic_filter, subscriptions)
             for target, granted_qos in subscriptions:
                 qos = min(published_qos, granted_qos)
                 if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
@@ -247,6 +252,19 @@ class HardenedBroker(Broker):
                 handler = self._get_handler(target)
                 if handler:
                     running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False)))
+                    if inner != topic_filter:
+                        break  # a shared subscription delivers each message to one member of the group
+
+    def _share_in_turn(self, topic_filter: str, members: list[tuple[Session, int]]) -> list[tuple[Session, int]]:
+        """`$share/<group>/<filter>` (stock amqtt matched it literally, so it never delivered): the group's
+        connected members take turns; a message goes offline only when no member is connected."""
+        if len(self._share_turn) > 10_000:
+            self._share_turn.clear()  # filters come and go; only fairness is lost, never a message
+        start = self._share_turn.get(topic_filter, 0) % max(len(members), 1)
+        self._share_turn[topic_filter] = start + 1
+        in_turn = members[start:] + members[:start]
+        connected = [m for m in in_turn if m[0].transitions.state == "connected"]
+        return connected or in_turn[:1]
 
     async def retain_message(self, source_session: Session | None, topic_name: str | None,
                              data: bytes | bytearray | None, qos: int | None = None) -> None:

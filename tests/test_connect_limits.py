@@ -8,6 +8,7 @@
 | 10 devices | - | a device with a live token still connects from that source |
 | 11 delivery QoS | the subscription's QoS | min(publish QoS, subscription QoS) |
 | 11 offline queue | a QoS 0 message is queued, at the subscription's QoS | only QoS 1 and 2 are kept |
+| 8 `$share/<group>/<filter>` | matched literally: never delivers | each message to one member, in turn |
 | resumed session | keeps the first connection's clean-session flag, so drops its subscriptions | persistent |
 """
 
@@ -311,3 +312,22 @@ def test_a_fault_in_the_brokers_own_connect_checks_refuses_and_the_broker_serves
     sock, code = connect_raw(server.mqtt_port, "boot-after")
     sock.close()
     assert code == 0
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_shared_subscription_delivers_each_message_to_one_member_in_turn(settings, clock, flavour):
+    srv = start_server(settings, clock, broker_cls=BROKERS[flavour])
+    try:
+        srv.register("panel-2", "read:temperature", "Kitchen wall panel")
+        _, _, thermo = paired(srv, "thermo-1")
+        members = [paired(srv, cid)[2] for cid in ("panel-1", "panel-2")]
+        for member in members:
+            assert member.subscribe("$share/wall/home/+/temperature") == [1]
+        for n in range(6):
+            thermo.publish("home/thermo-1/temperature", str(n), qos=1)
+        got = members[0].wait_for(lambda: sum(len(m.received()) for m in members) >= 6) and \
+            [m.received() for m in members]
+        assert got and sorted(got[0] + got[1]) == [str(n).encode() for n in range(6)]
+        assert len(got[0]) == len(got[1]) == 3  # in turn
+    finally:
+        srv.stop()
