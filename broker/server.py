@@ -9,7 +9,8 @@
 - `_handle_message_delivery`: a client PUBLISH to a `$` topic is dropped and logged (stock amqtt leaves
   the session half-dead), and the broadcast carries the PUBLISH's QoS.
 - `_run_broadcast`: delivery QoS is min(publish QoS, subscription QoS) (MQTT 3.1.1 section 3.8.4);
-  stock amqtt delivers at the subscription's QoS (flaw 4).
+  stock amqtt delivers at the subscription's QoS (flaw 4). `$share/<group>/<filter>` delivers to one
+  member in turn; stock amqtt matched it literally and never delivered.
 - `retain_message`: a device's publish never becomes a retained message under the protocol prefix.
 - `_publish_retained_messages_for_subscription`: retained messages obey the RECEIVE check and go only
   to the session's own subscriptions (flaw 2); `_publish_session_retained_messages` applies the same
