@@ -73,9 +73,9 @@ DROP_CASES: list[Any] = [
     ("over 16 KiB", "device_authorization", lambda d: padded(body(d), 16 * 1024 + 1), False),
     ("published with the retain flag", "device_authorization", lambda d: json.dumps(body(d)).encode(), True),
     ("NaN, which is not JSON", "device_authorization",
-     lambda d: f'{{"reply_to": "{d.reply_to}", "client_id": "lamp-1", "correlation_id": NaN}}'.encode(), False),
-    ("-Infinity in an unknown field", "token", lambda d: f'{{"reply_to": "{d.reply_to}", "x": -Infinity}}'.encode(),
-     False),
+     lambda d: f'{{"reply_to": "{d.reply_to}", "correlation_id": NaN}}'.encode(), False),
+    ("-Infinity in an unknown field", "token",
+     lambda d: f'{{"reply_to": "{d.reply_to}", "x": -Infinity}}'.encode(), False),
 ]
 
 
