@@ -165,6 +165,8 @@ class NonceIssuer:
 
     def valid_until(self, nonce: str, now: float) -> float | None:
         """None for an invalid nonce; else the end of its validity: the end of the step after its own."""
+        if not nonce.isascii():  # ours are base64url; also keeps a lone surrogate away from encode()
+            return None
         step = int(now // self._step)
         for s in (step, step - 1):
             if hmac.compare_digest(nonce.encode(), self._for_step(s).encode()):
