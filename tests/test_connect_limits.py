@@ -95,9 +95,14 @@ def test_memory_stays_bounded_under_many_sources() -> None:
 
 
 BROKERS = {"ours": HardenedBroker, "stock": Broker}
-STOCK_FAILS = pytest.mark.xfail(
-    strict=True, reason="stock amqtt has no per-source limits and delivers at the subscription's QoS")
-FLAVOURS = ["ours", pytest.param("stock", marks=STOCK_FAILS)]
+def stock_fails(flaw: str) -> pytest.MarkDecorator:
+    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"stock amqtt Broker: {flaw}")
+
+
+def flavours(flaw: str) -> list[Any]:
+    return ["ours", pytest.param("stock", marks=stock_fails(flaw))]
+
+
 QOS_CASES = [(0, 2, 0), (1, 2, 1), (0, 1, 0)]  # (published, granted, delivered)
 
 
@@ -125,7 +130,7 @@ def paired(srv: Any, client_id: str) -> tuple[Device, dict[str, Any], Mqtt]:
     return dev, tokens, dev.session(tokens["access_token"])
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("flavour", flavours("every CONNECT attempt is processed, however many"))
 def test_connect_flood_is_refused_with_connack_3_and_devices_are_unaffected(settings, clock, caplog, flavour):
     srv = start_server(settings, clock, broker_cls=BROKERS[flavour])
     try:
@@ -154,7 +159,7 @@ def test_connect_flood_is_refused_with_connack_3_and_devices_are_unaffected(sett
         srv.stop()
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("flavour", flavours("bootstrap sessions per source are unlimited"))
 def test_concurrent_bootstrap_sessions_per_source_are_capped_at_50(settings, clock, flavour):
     srv = start_server(settings, clock, "[mqtt]\nconnect_attempts_per_source = 500\n", broker_cls=BROKERS[flavour])
     socks = []
@@ -209,7 +214,7 @@ def connect_when_admitted(port: int, client_id: str, tries: int = 40) -> tuple[s
 
 @pytest.mark.parametrize(("flavour", "published", "granted", "delivered"), [
     *[("ours", *case) for case in QOS_CASES],
-    *[pytest.param("stock", *case, marks=STOCK_FAILS) for case in QOS_CASES],
+    *[pytest.param("stock", *case, marks=stock_fails("delivers at the subscription's QoS")) for case in QOS_CASES],
     ("ours", 2, 1, 1),  # stock gets this one right: the subscription's QoS is the minimum here
 ])
 def test_delivery_qos_is_the_minimum_of_publish_and_subscription(settings, clock, flavour, published, granted,
@@ -235,7 +240,7 @@ def queued_for(srv: Any, client_id: str, count: int) -> int:
     return srv.call(size)
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("flavour", flavours("a QoS 0 message is queued for an offline session"))
 def test_a_qos_0_publish_is_not_queued_for_an_offline_session(settings, clock, flavour):
     srv = start_server(settings, clock, broker_cls=BROKERS[flavour])
     try:
@@ -258,7 +263,7 @@ def test_a_qos_0_publish_is_not_queued_for_an_offline_session(settings, clock, f
         srv.stop()
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("flavour", flavours("a resumed session keeps its first clean-session flag"))
 def test_a_session_resumed_without_clean_session_keeps_its_subscriptions_offline(settings, clock, flavour):
     """A session that began clean and is resumed with clean session 0 is persistent from then on:
     stock amqtt kept the first connection's flag and dropped it at every later disconnect."""
@@ -314,7 +319,7 @@ def test_a_fault_in_the_brokers_own_connect_checks_refuses_and_the_broker_serves
     assert code == 0
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("flavour", flavours("$share filters are matched literally and never deliver"))
 def test_a_shared_subscription_delivers_each_message_to_one_member_in_turn(settings, clock, flavour):
     srv = start_server(settings, clock, broker_cls=BROKERS[flavour])
     try:
