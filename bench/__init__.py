@@ -1,0 +1,1 @@
+"""Benchmarks (issue 5): `make bench` runs them all; see docs/performance.md."""
