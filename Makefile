@@ -2,9 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 ARGS ?=
 
-.PHONY: demo test test-all clean
+.PHONY: demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,13 @@ test: $(STAMP)  ## the whole suite, browser tests included (soak runs excluded)
 
 test-all: $(STAMP)  ## also the long soak and fuzz runs
 	$(VENV)/bin/python -m pytest -q -m "soak or not soak"
+
+$(BENCH_STAMP): $(STAMP)
+	$(VENV)/bin/python -m pip install --quiet -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)  ## the five benchmarks of docs/performance.md (~7 min); ARGS=--smoke, --profile, --what-if PATCH
+	$(VENV)/bin/python -m bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
