@@ -15,6 +15,8 @@ docs/performance.md for a file the bench does not own.
 - lean-jose: each JWT of a CONNECT (token and proof) is parsed once and its ES256 signature checked with
   `cryptography` directly, and proof keys are built from their point (cached by thumbprint) instead of
   through joserfc's key import (authsvc/dpop.py, authsvc/tokens.py). Every check stays as it is.
+- gc-off: a diagnostic, not a fix: the garbage collector disabled once the server has started (cyclic
+  garbage is then never freed), to show how much of a latency tail its passes make.
 - lazy-dummy-hash: the argon2 hash that authsvc/accounts.py computes at import (for constant-time login
   of unknown accounts) is made on first use, so one-shot commands such as `iotauth revoke` skip it.
 """
@@ -89,6 +91,23 @@ def gc_freeze() -> None:
             yield run
 
     authsvc.runtime.running = frozen  # type: ignore[assignment]
+
+
+def gc_off() -> None:
+    import contextlib
+    import gc
+
+    import authsvc.runtime
+
+    running = authsvc.runtime.running
+
+    @contextlib.asynccontextmanager
+    async def collector_off(*args: Any, **kwargs: Any) -> Any:
+        async with running(*args, **kwargs) as run:
+            gc.disable()
+            yield run
+
+    authsvc.runtime.running = collector_off  # type: ignore[assignment]
 
 
 def lean_jose() -> None:
@@ -190,6 +209,7 @@ APPLY = {
     "wal-normal": wal_normal,
     "direct-topic-check": direct_topic_check,
     "gc-freeze": gc_freeze,
+    "gc-off": gc_off,
     "lean-jose": lean_jose,
     "lazy-dummy-hash": lazy_dummy_hash,
 }
