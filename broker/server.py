@@ -55,6 +55,10 @@ SERVER_UNAVAILABLE = 3  # CONNACK for a source over its limits: "try later", not
 QOS_2 = 2
 
 
+def _exact(topic_filter: str) -> bool:
+    return "+" not in topic_filter and "#" not in topic_filter and unshare(topic_filter) == topic_filter
+
+
 def broker_config(host: str, port: int) -> dict[str, Any]:
     # An explicit plugin list: the default one loads a packet logger that writes CONNECT passwords (tokens).
     return {
@@ -72,6 +76,10 @@ class HardenedBroker(Broker):
         super().__init__(*args, **kwargs)
         self.limiter = ConnectLimiter(attempts=20, window=10.0, bootstrap_sessions=50)  # start_broker sets it
         self._share_turn: dict[str, int] = {}  # shared subscription filter -> next member to deliver to
+        self._filters_version = 0  # bumped when a new filter is stored
+        self._pattern_version = -1
+        self._patterns: list[tuple[str, str | None]] = []  # (stored filter, filter to match), no exact ones
+        self.topic_plugin: IotAuthPlugin | None = None  # set by start_broker
 
     async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                listener_name: str) -> None:
@@ -235,9 +243,9 @@ class HardenedBroker(Broker):
         broadcast = await self._broadcast_queue.get()
         topic, data = broadcast["topic"], broadcast["data"]
         published_qos = broadcast.get("qos", QOS_2)
-        for topic_filter, subscriptions in list(self._subscriptions.items()):
-            inner = unshare(topic_filter)
-            if inner is None or not self._matches(topic, inner):
+        for topic_filter, inner in self._filters_matching(topic):
+            subscriptions = self._subscriptions.get(topic_filter)
+            if not subscriptions:
                 continue
             if inner != topic_filter:
                 subscriptions = self._share_in_turn(topic_filter, subscriptions)
@@ -255,6 +263,29 @@ class HardenedBroker(Broker):
                     running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False)))
                     if inner != topic_filter:
                         break  # a shared subscription delivers each message to one member of the group
+
+    def _filters_matching(self, topic: str) -> list[tuple[str, str]]:
+        """(stored filter, filter to match) pairs for the topic. An exact filter is one dict lookup; only
+        wildcard and `$share` filters are matched one by one (stock amqtt matched every filter, which cost
+        0.5 ms per message with 2,000 devices each subscribed to their own topics)."""
+        if self._pattern_version != self._filters_version:
+            self._patterns = [(f, unshare(f)) for f in self._subscriptions if not _exact(f)]
+            self._pattern_version = self._filters_version
+        found = [(topic, topic)] if topic in self._subscriptions else []
+        found += [(f, inner) for f, inner in self._patterns if inner is not None and self._matches(topic, inner)]
+        return found
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        if subscription[0] not in self._subscriptions:
+            self._filters_version += 1  # a new filter: `_filters_matching` rebuilds its list of patterns
+        return await super().add_subscription(subscription, session)
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        """Our plugin is the only topic checker and always answers a real bool, catching its own errors: ask it
+        directly. amqtt's plugin manager gathers every plugin's answer in tasks, ~120 us per check."""
+        if self.topic_plugin is None:
+            return await super()._topic_filtering(session, topic, action)
+        return await self.topic_plugin.topic_filtering(session=session, topic=topic, action=action)
 
     def _share_in_turn(self, topic_filter: str, members: list[tuple[Session, int]]) -> list[tuple[Session, int]]:
         """`$share/<group>/<filter>` (stock amqtt matched it literally, so it never delivered): the group's
@@ -316,6 +347,8 @@ async def start_broker(service: AuthService, clock: Clock, host: str, port: int,
     assert isinstance(plugin, IotAuthPlugin)
     gate = Gate(broker, service, clock)
     plugin.attach(gate)
+    if isinstance(broker, HardenedBroker):
+        broker.topic_plugin = plugin
     broker.gate = gate  # type: ignore[attr-defined]
     amqtt_log = logging.getLogger("amqtt.broker")
     level = amqtt_log.level

@@ -336,3 +336,28 @@ def test_a_shared_subscription_delivers_each_message_to_one_member_in_turn(setti
         assert len(got[0]) == len(got[1]) == 3  # in turn
     finally:
         srv.stop()
+
+
+def test_deliveries_follow_subscriptions_as_filters_come_and_go(server):
+    """The broker matches exact filters by lookup and keeps a list of the wildcard ones: that list must follow
+    every subscribe and unsubscribe."""
+    _, _, thermo = paired(server, "thermo-1")
+    _, _, panel = paired(server, "panel-1")
+    topic = "home/thermo-1/temperature"
+
+    def unsubscribe(topic_filter: str) -> None:
+        _, mid = panel.client.unsubscribe(topic_filter)
+        assert panel.wait_for(lambda: mid in panel.unsubacks)
+
+    assert panel.subscribe(topic) == [1]
+    thermo.publish(topic, b"1")
+    assert panel.wait_message(topic, count=1) == [b"1"]
+    assert panel.subscribe("home/+/temperature") == [1]  # a wildcard filter after the first delivery
+    thermo.publish(topic, b"2")
+    assert panel.wait_message(topic, count=3) == [b"1", b"2", b"2"]  # one copy per matching filter
+    unsubscribe(topic)
+    thermo.publish(topic, b"3")
+    assert panel.wait_message(topic, count=4) == [b"1", b"2", b"2", b"3"]
+    unsubscribe("home/+/temperature")
+    thermo.publish(topic, b"4")
+    assert panel.wait_for(lambda: len(panel.messages) > 4, timeout=0.5) is False

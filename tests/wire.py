@@ -105,11 +105,13 @@ class Mqtt:
         self.disconnected = threading.Event()
         self.subacks: dict[int, list[int]] = {}
         self.acks: set[int] = set()
+        self.unsubacks: set[int] = set()
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
+        self.client.on_unsubscribe = self._on_unsubscribe
         self.port = port
         self.keepalive = keepalive
 
@@ -138,6 +140,11 @@ class Mqtt:
     def _on_publish(self, c: Any, u: Any, mid: int, rc: Any = None, props: Any = None) -> None:
         with self.cond:
             self.acks.add(mid)
+            self.cond.notify_all()
+
+    def _on_unsubscribe(self, c: Any, u: Any, mid: int, codes: Any = None, props: Any = None) -> None:
+        with self.cond:
+            self.unsubacks.add(mid)
             self.cond.notify_all()
 
     def wait_for(self, predicate: Any, timeout: float = 5.0) -> Any:
