@@ -18,17 +18,19 @@ import hmac
 import json
 import heapq
 import math
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from joserfc import jws
-from joserfc.errors import JoseError
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from joserfc.jwk import ECKey, OKPKey
 
 from authsvc.errors import InvalidDPoPProof, TemporarilyUnavailable, UseDPoPNonce
-from authsvc.keys import b64u, b64u_decode
+from authsvc.jws_compact import CompactJWS, b64u_decode_strict
+from authsvc.keys import b64u
 
 MAX_PROOF_BYTES = 4096
 MAX_JTI_CHARS = 64  # protocol.md section 4; bounds what one entry of the jti memory can cost
@@ -37,6 +39,8 @@ JTI_CAPACITY = 200_000  # entries in all (a few hundred bytes each); when full, 
 PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 # algorithm -> (kty, crv) its key must have; asymmetric only
 KEY_TYPES = {"ES256": ("EC", "P-256"), "EdDSA": ("OKP", "Ed25519")}
+PROOF_KEY_CACHE = 4096  # proof keys kept built, by their coordinates: a device reconnects with the same key
+COORDINATE_BYTES = 32  # P-256 x and y, Ed25519 x (RFC 7518 6.2.1.2: the full size, leading zeros kept)
 
 
 @dataclass(frozen=True)
@@ -63,22 +67,25 @@ def jwk_thumbprint(jwk: dict[str, Any]) -> str:
 
 
 # -- the checklist, one function per item -------------------------------------------
-def split_proof(proof: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def _parse(proof: Any) -> CompactJWS:
     if not isinstance(proof, str) or not proof:
         raise InvalidDPoPProof("The DPoP proof must be a JWT string")
     if len(proof) > MAX_PROOF_BYTES:
         raise InvalidDPoPProof(f"The DPoP proof exceeds {MAX_PROOF_BYTES} bytes")
-    parts = proof.split(".")
-    if len(parts) != 3:
+    if proof.count(".") != 2:
         raise InvalidDPoPProof("The DPoP proof is not a compact JWS")
     try:
-        header = json.loads(b64u_decode(parts[0]))
-        claims = json.loads(b64u_decode(parts[1]))
+        parsed = CompactJWS(proof)  # decoded once; the signature check reuses it
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deeply nested JSON
         raise InvalidDPoPProof("The DPoP proof is not well-formed") from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
+    if not isinstance(parsed.header, dict) or not isinstance(parsed.claims, dict):
         raise InvalidDPoPProof("The DPoP proof is not well-formed")
-    return header, claims
+    return parsed
+
+
+def split_proof(proof: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    parsed = _parse(proof)
+    return parsed.header, parsed.claims
 
 
 def check_typ(header: dict[str, Any]) -> None:
@@ -93,7 +100,119 @@ def check_alg(header: dict[str, Any], allowed: tuple[str, ...]) -> str:
     return alg
 
 
-def check_public_jwk(header: dict[str, Any], alg: str) -> ECKey | OKPKey:
+@dataclass(frozen=True, slots=True)
+class ProofKey:
+    """The proof's public key (a `cryptography` key), and whether its jwk lets it verify a signature of the
+    proof's alg: a jwk whose `use` is not sig, whose `alg` is another, or whose `key_ops` lack verify is
+    a valid key, refused at the signature check (RFC 7517 4.2-4.4; as joserfc did)."""
+
+    public: ec.EllipticCurvePublicKey | Ed25519PublicKey
+    may_verify: bool
+
+
+# JWK members joserfc validated when it imported a proof key (RFC 7517 section 4, RFC 7518 6.2.1):
+# a jwk failing one of these is "not a valid public key"
+_JWK_USES = ("sig", "enc")
+_JWK_KEY_OPS = ("sign", "verify", "encrypt", "decrypt", "wrapKey", "unwrapKey", "deriveKey", "deriveBits")
+_JWK_OPS_OF_USE = {"sig": ("sign", "verify"),
+                   "enc": ("encrypt", "decrypt", "wrapKey", "unwrapKey", "deriveKey", "deriveBits")}
+
+
+def _one_of(value: Any, choices: tuple[str, ...]) -> bool:
+    return all(v in choices for v in value) if isinstance(value, list) else value in choices
+
+
+def _is_url(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+_JWK_MEMBERS: dict[str, Callable[[Any], bool]] = {
+    "use": lambda value: _one_of(value, _JWK_USES),
+    "key_ops": lambda value: _one_of(value, _JWK_KEY_OPS),
+    "alg": lambda value: isinstance(value, str),
+    "kid": lambda value: isinstance(value, str),
+    "x5u": _is_url,
+    "x5c": lambda value: isinstance(value, list) and all(isinstance(v, str) for v in value),
+    "x5t": lambda value: isinstance(value, str),
+    "x5t#S256": lambda value: isinstance(value, str),
+}
+
+
+def _jwk_members_valid(jwk: dict[str, Any], kty: str) -> bool:
+    coordinates = ("x", "y") if kty == "EC" else ("x",)
+    if not all(isinstance(jwk.get(name), str) for name in coordinates):
+        return False
+    if not all(valid(jwk[name]) for name, valid in _JWK_MEMBERS.items() if name in jwk):
+        return False
+    if "use" in jwk and "key_ops" in jwk:  # both: every operation must belong to the use
+        use = jwk["use"]
+        if not isinstance(use, str):
+            return False
+        return all(op in _JWK_OPS_OF_USE[use] for op in jwk["key_ops"])
+    return True
+
+
+def _may_verify(get: Callable[[str], Any], alg: str) -> bool:
+    """joserfc's check_use("sig"), check_alg(alg) and check_key_op("verify") on the jwk's members."""
+    use, key_alg, key_ops = get("use"), get("alg"), get("key_ops")
+    return not (use and use != "sig") and not (key_alg and key_alg != alg) and (key_ops is None or
+                                                                              "verify" in key_ops)
+
+
+class _ProofKeyCache:
+    """Public keys built from proof jwks, by (kty, x, y): least recently used first out. Only valid keys are
+    kept, and a key is a pure function of its coordinates, so a hit needs no check a miss would make."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[tuple[str, ...], ec.EllipticCurvePublicKey | Ed25519PublicKey] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, coordinates: tuple[str, ...]) -> ec.EllipticCurvePublicKey | Ed25519PublicKey | None:
+        with self._lock:
+            key = self._keys.get(coordinates)
+            if key is not None:
+                self._keys.move_to_end(coordinates)
+            return key
+
+    def put(self, coordinates: tuple[str, ...], key: ec.EllipticCurvePublicKey | Ed25519PublicKey) -> None:
+        with self._lock:
+            self._keys[coordinates] = key
+            self._keys.move_to_end(coordinates)
+            while len(self._keys) > self.capacity:
+                self._keys.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+_proof_keys = _ProofKeyCache(PROOF_KEY_CACHE)
+
+
+def _coordinate(text: str) -> bytes:
+    raw = b64u_decode_strict(text)
+    if len(raw) != COORDINATE_BYTES:
+        raise ValueError(f"a coordinate of {len(raw)} bytes")
+    return raw
+
+
+def _public_key(jwk: dict[str, Any], kty: str) -> ec.EllipticCurvePublicKey | Ed25519PublicKey:
+    """ValueError unless x (and y) are strict base64url of exactly 32 bytes and make a valid key: a P-256
+    point on the curve (`public_key()` checks it), or an Ed25519 public key."""
+    coordinates = (kty, jwk["x"], jwk["y"]) if kty == "EC" else (kty, jwk["x"])
+    key = _proof_keys.get(coordinates)
+    if key is None:
+        if kty == "EC":
+            x, y = _coordinate(jwk["x"]), _coordinate(jwk["y"])
+            key = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"),
+                                                ec.SECP256R1()).public_key()
+        else:
+            key = Ed25519PublicKey.from_public_bytes(_coordinate(jwk["x"]))
+        _proof_keys.put(coordinates, key)
+    return key
+
+
+def check_public_jwk(header: dict[str, Any], alg: str) -> ProofKey:
     jwk = header.get("jwk")
     if not isinstance(jwk, dict):
         raise InvalidDPoPProof("The DPoP proof header must carry a jwk")
@@ -102,17 +221,37 @@ def check_public_jwk(header: dict[str, Any], alg: str) -> ECKey | OKPKey:
     kty, crv = KEY_TYPES[alg]
     if jwk.get("kty") != kty or jwk.get("crv") != crv:
         raise InvalidDPoPProof(f"The DPoP proof jwk must be a {kty} {crv} key for {alg}")
+    if not _jwk_members_valid(jwk, kty):
+        raise InvalidDPoPProof("The DPoP proof jwk is not a valid public key")
     try:
-        return ECKey.import_key(jwk) if kty == "EC" else OKPKey.import_key(jwk)
-    except (JoseError, ValueError, TypeError):
+        public = _public_key(jwk, kty)
+    except ValueError:
         raise InvalidDPoPProof("The DPoP proof jwk is not a valid public key") from None
+    return ProofKey(public, _may_verify(jwk.get, alg))
 
 
-def check_signature(proof: str, key: ECKey | OKPKey, alg: str) -> None:
-    try:
-        jws.deserialize_compact(proof, key, algorithms=[alg])
-    except (JoseError, ValueError, TypeError):
-        raise InvalidDPoPProof("The DPoP proof signature does not verify") from None
+def _verify_signature(parsed: CompactJWS | None, key: Any, alg: str) -> None:
+    if isinstance(key, ProofKey):
+        public, may_verify = key.public, key.may_verify
+    elif isinstance(key, (ECKey, OKPKey)):  # as callers outside `DPoPVerifier.verify` may pass
+        public, may_verify = key.public_key, _may_verify(key.get, alg)
+    else:  # a bare `cryptography` public key
+        public, may_verify = key, True
+    if parsed is None or not may_verify or not parsed.verifies(public, alg):
+        raise InvalidDPoPProof("The DPoP proof signature does not verify")
+
+
+def check_signature(proof: str, key: ProofKey | ECKey | OKPKey, alg: str) -> None:
+    """The signature check on its own (`DPoPVerifier.verify` reuses the proof it has already decoded)."""
+    parsed: CompactJWS | None = None
+    if isinstance(proof, str):
+        try:
+            parsed = CompactJWS(proof, json_payload=False)
+        except (ValueError, RecursionError):
+            pass
+    if parsed is not None and not isinstance(parsed.header, dict):
+        parsed = None
+    _verify_signature(parsed, key, alg)
 
 
 def _finite(value: float) -> bool:
@@ -275,11 +414,12 @@ class DPoPVerifier:
 
     def verify(self, proof: Any, *, htm: str, htu: str, now: float, access_token: str | None = None,
                source: str = "") -> Proof:
-        header, claims = split_proof(proof)
+        parsed = _parse(proof)  # each part decoded once, for the checks and the signature alike
+        header, claims = parsed.header, parsed.claims
         check_typ(header)
         alg = check_alg(header, self.algorithms)
         key = check_public_jwk(header, alg)
-        check_signature(proof, key, alg)
+        _verify_signature(parsed, key, alg)
         check_claim_types(claims)
         check_htm_htu(claims, htm, htu)
         check_ath(claims, access_token)

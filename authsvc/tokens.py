@@ -11,16 +11,20 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from joserfc import jws
-from joserfc.errors import JoseError
+from joserfc.jwk import ECKey
 
-from authsvc.keys import SIGNING_ALG, SigningKey, b64u_decode
+from authsvc.jws_compact import CompactJWS
+from authsvc.keys import SIGNING_ALG, SigningKey
 
 ACCEPTED_TYP = ("at+jwt", "application/at+jwt")
 TIME_LEEWAY = 60
+MAX_TOKEN_CHARS = 8192
 
 
 class TokenError(ValueError):
@@ -56,17 +60,21 @@ def issue_access_token(key: SigningKey, *, issuer: str, audience: str, sub: str,
     return token, claims
 
 
-def _parts(token: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    if not isinstance(token, str) or token.count(".") != 2 or len(token) > 8192:
+def _parse(token: Any) -> CompactJWS:
+    if not isinstance(token, str) or token.count(".") != 2 or len(token) > MAX_TOKEN_CHARS:
         raise TokenError("not a compact JWS")
-    head, body, _ = token.split(".")
     try:
-        header, claims = json.loads(b64u_decode(head)), json.loads(b64u_decode(body))
+        parsed = CompactJWS(token)  # decoded once; the signature check reuses it
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deeply nested JSON
         raise TokenError("not well-formed") from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
+    if not isinstance(parsed.header, dict) or not isinstance(parsed.claims, dict):
         raise TokenError("not well-formed")
-    return header, claims
+    return parsed
+
+
+def _parts(token: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    parsed = _parse(token)
+    return parsed.header, parsed.claims
 
 
 def check_header(header: dict[str, Any], keys: dict[str, SigningKey]) -> SigningKey:
@@ -134,13 +142,26 @@ def check_claims(claims: dict[str, Any], *, issuer: str, audience: str, now: flo
                         jkt=jkt if isinstance(jkt, str) else None, x5t=x5t if isinstance(x5t, str) else None)
 
 
+# kid -> (the key it was made from, its public key); a reloaded key ring brings new key objects, rebuilt once
+_verification_keys: dict[str, tuple[weakref.ref[ECKey], EllipticCurvePublicKey]] = {}
+MAX_CACHED_SIGNING_KEYS = 64  # a key set holds one active key and the few retired ones still valid
+
+
+def _verification_key(key: SigningKey) -> EllipticCurvePublicKey:
+    cached = _verification_keys.get(key.kid)
+    if cached is not None and cached[0]() is key.key:
+        return cached[1]
+    public = key.key.public_key
+    if len(_verification_keys) >= MAX_CACHED_SIGNING_KEYS:
+        _verification_keys.clear()
+    _verification_keys[key.kid] = (weakref.ref(key.key), public)
+    return public
+
+
 def verify_access_token(token: Any, keys: dict[str, SigningKey], *, issuer: str, audience: str,
                         now: float) -> AccessClaims:
-    header, _ = _parts(token)
-    key = check_header(header, keys)
-    try:
-        verified = jws.deserialize_compact(token, key.key, algorithms=[SIGNING_ALG])
-    except (JoseError, ValueError, TypeError):
-        raise TokenError("signature does not verify") from None
-    claims = json.loads(verified.payload)
-    return check_claims(claims, issuer=issuer, audience=audience, now=now)
+    parsed = _parse(token)  # header and claims decoded once, for the checks and the signature alike
+    key = check_header(parsed.header, keys)
+    if not parsed.verifies(_verification_key(key), SIGNING_ALG):
+        raise TokenError("signature does not verify")
+    return check_claims(parsed.claims, issuer=issuer, audience=audience, now=now)
