@@ -33,9 +33,8 @@ class GrantType:
 def device_code_grant(svc: AuthService, params: dict[str, str], proof: Proof, now: float) -> dict[str, Any]:
     code_hash = svc.hash_device_code(params["device_code"])
     code = device_flow.check_binding(svc.store.device_code(code_hash), params["client_id"], proof.jkt)
-    outcome = device_flow.poll(code, now)
+    outcome = svc.polls.poll(code, now)  # counted in memory (device_flow.PollMemory), not in the database
     if outcome is not None:
-        svc.store.record_poll(code_hash, now, outcome.interval)
         raise outcome.error
     with svc.store.transaction():
         if not svc.store.consume_device_code(code_hash):

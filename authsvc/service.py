@@ -44,6 +44,10 @@ log = logging.getLogger("iotauth.service")
 ENDPOINTS = ("device_authorization", "token", "revoke")
 MAX_PARAM_CHARS = 4096
 MAX_PENDING_CODES = 20  # per client: a device needs one; a flood of requests must not fill the database
+# Pending codes whose polling state is kept in memory (device_flow.PollMemory, ~200 bytes each): entries
+# exist only for pending codes of registered clients (MAX_PENDING_CODES each); past this many, the least
+# recently polled is forgotten, which costs that device at most one early poll that is not flagged.
+MAX_POLLED_CODES = 10_000
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,9 @@ class AuthService:
         self.dpop = DPoPVerifier(nonces, algorithms=settings.dpop_algorithms, window=settings.iat_window,
                                  per_source=settings.max_proofs_per_source, restart_guard=self._restart_guard())
         self.on_revocation: list[Callable[[], None]] = []
+        # Last poll and current interval of pending device codes: in this process, not in the database (an
+        # fsync per poll). Empty after a restart: each code's first poll then is simply not flagged.
+        self.polls = device_flow.PollMemory(MAX_POLLED_CODES)
 
     def _restart_guard(self) -> RestartGuard:
         """Proofs without a nonce seen by an earlier process stay refused here (see dpop.RestartGuard)."""
@@ -189,7 +196,7 @@ class AuthService:
         while True:
             user_code = device_flow.new_user_code()
             row = DeviceCode(self.hash_device_code(device_code), user_code, client["client_id"], scope, jkt, now,
-                             now + s.device_code_ttl, s.poll_interval, None, "pending", None)
+                             now + s.device_code_ttl, s.poll_interval, "pending", None)
             if self.store.add_device_code(row):
                 break
         log.info("device authorization for %s: user code issued, scope %r", client["client_id"], scope)
@@ -362,6 +369,7 @@ class AuthService:
     def maintenance(self, now: float) -> None:
         """Forget what can no longer be used: old device codes, expired access-token records, sealed successors."""
         self.store.purge_device_codes(now - 86400)
+        self.polls.sweep(now)
         self.store.purge_access_tokens(now - 3600)
         self.store.forget_expired_successors(now - self.settings.refresh_grace)
 

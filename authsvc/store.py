@@ -33,10 +33,14 @@ class DeviceCode:
     jkt: str | None
     created: float
     expires: float
-    interval: int
-    last_poll: float | None
+    interval: int  # as issued; a pending code's polling state is in memory (device_flow.PollMemory)
     status: str  # pending | approved | denied | consumed
     sub: str | None
+
+
+# Named, not `*`: the table keeps its `last_poll` column (no longer written or read) so that data dirs made
+# before the polling state moved to memory and after it share one schema.
+_DEVICE_CODE_COLUMNS = "code_hash, user_code, client_id, scope, jkt, created, expires, interval, status, sub"
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class Store:
         t["signing_keys"].create({"kid": str, "sealed": str, "created": float, "retired": float},
                                  pk="kid", if_not_exists=True)
         t["secrets"].create({"name": str, "sealed": str}, pk="name", if_not_exists=True)
+        # last_poll: written by earlier versions only; polling state is in memory now (device_flow.PollMemory)
         t["device_codes"].create(
             {"code_hash": str, "user_code": str, "client_id": str, "scope": str, "jkt": str, "created": float,
              "expires": float, "interval": int, "last_poll": float, "status": str, "sub": str},
@@ -248,23 +253,20 @@ class Store:
     def add_device_code(self, code: DeviceCode) -> bool:
         try:
             self._write(
-                "INSERT INTO device_codes (code_hash, user_code, client_id, scope, jkt, created, expires, interval,"
-                " last_poll, status, sub) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO device_codes ({_DEVICE_CODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (code.code_hash, code.user_code, code.client_id, code.scope, code.jkt, code.created,
-                 code.expires, code.interval, code.last_poll, code.status, code.sub))
+                 code.expires, code.interval, code.status, code.sub))
         except sqlite3.IntegrityError:
             return False  # user code collision: the caller draws another
         return True
 
     def device_code(self, code_hash: str) -> DeviceCode | None:
-        return _row(DeviceCode, self._one("SELECT * FROM device_codes WHERE code_hash = ?", (code_hash,)))
+        return _row(DeviceCode, self._one(f"SELECT {_DEVICE_CODE_COLUMNS} FROM device_codes WHERE code_hash = ?",
+                                          (code_hash,)))
 
     def device_code_by_user_code(self, user_code: str) -> DeviceCode | None:
-        return _row(DeviceCode, self._one("SELECT * FROM device_codes WHERE user_code = ?", (user_code,)))
-
-    def record_poll(self, code_hash: str, now: float, interval: int) -> None:
-        self._write("UPDATE device_codes SET last_poll = ?, interval = ? WHERE code_hash = ?",
-                    (now, interval, code_hash))
+        return _row(DeviceCode, self._one(f"SELECT {_DEVICE_CODE_COLUMNS} FROM device_codes WHERE user_code = ?",
+                                          (user_code,)))
 
     def decide(self, user_code: str, status: str, sub: str, now: float) -> bool:
         """Approve or deny once: only a pending, unexpired code changes."""

@@ -50,9 +50,20 @@ DROP = object()
 
 
 def code_state(svc: AuthService, device_code: str) -> tuple[Any, ...]:
-    row = svc.store.device_code(svc.hash_device_code(device_code))
+    """(status, interval, last counted poll, sub): the status from the database, the polling state from
+    the serving process's memory (device_flow.PollMemory), where it lives; before any poll, the issued
+    interval and no poll."""
+    code_hash = svc.hash_device_code(device_code)
+    row = svc.store.device_code(code_hash)
     assert row is not None
-    return row.status, row.interval, row.last_poll, row.sub
+    polled = svc.polls.get(code_hash)
+    interval, last_poll = (polled.interval, polled.last_poll) if polled else (row.interval, None)
+    return row.status, interval, last_poll, row.sub
+
+
+def waits(reply: dict[str, Any]) -> str:
+    """What a slow_down reply tells the device on the wire: the interval it must keep from now on."""
+    return reply["error_description"]
 
 
 # -- the device authorization response ----------------------------------------------------------------
@@ -229,8 +240,10 @@ def test_polling_pending_slow_down_pending_then_tokens(svc, clock):
     auth = authorize(svc, t0)
     code = auth["device_code"]
     assert outcome(poll(svc, code, t0)) == "authorization_pending"  # first poll at once: never slow_down
-    assert outcome(poll(svc, code, t0 + 2)) == "slow_down"
-    assert code_state(svc, code)[1] == 10  # the interval grew by 5 s
+    reply = poll(svc, code, t0 + 2)
+    assert outcome(reply) == "slow_down"
+    assert "wait at least 10 s" in waits(reply)  # the interval grew by 5 s ...
+    assert code_state(svc, code)[1] == 10  # ... and the service holds the device to it
     assert outcome(poll(svc, code, t0 + 12)) == "authorization_pending"
     assert outcome(poll(svc, code, t0 + 22)) == "authorization_pending"
     svc.decide(auth["user_code"], "alice", True, t0 + 23)
@@ -243,6 +256,8 @@ def test_each_early_poll_grows_the_interval_by_five_seconds(svc, clock):
     assert outcome(poll(svc, code, t0)) == "authorization_pending"
     replies = [poll(svc, code, t0 + i) for i in (1, 2, 3)]
     assert [r["error"] for r in replies] == ["slow_down"] * 3
+    assert [waits(r) for r in replies] == [f"Polling too fast: wait at least {s} s between polls"
+                                           for s in (10, 15, 20)]
     assert code_state(svc, code)[1] == 20
     assert outcome(poll(svc, code, t0 + 3 + 19)) == "slow_down"  # sooner than the current 20 s
     assert outcome(poll(svc, code, t0 + 22 + 25)) == "authorization_pending"
@@ -254,6 +269,67 @@ def test_poll_at_the_interval_is_not_early(svc, clock, gap, expected):
     code = authorize(svc, t0)["device_code"]
     poll(svc, code, t0)
     assert outcome(poll(svc, code, t0 + gap)) == expected
+
+
+# -- the polling state lives in the serving process's memory, not in the database -------------------------
+
+def test_polls_write_nothing_to_the_database(svc, clock):
+    t0 = clock.now()
+    code = authorize(svc, t0)["device_code"]
+    changes = svc.store.conn.total_changes
+    assert [outcome(poll(svc, code, t0 + s)) for s in (0, 1, 11)] == ["authorization_pending", "slow_down",
+                                                                      "authorization_pending"]
+    assert svc.store.conn.total_changes == changes
+    assert code_state(svc, code) == ("pending", 10, t0 + 11, None)
+
+
+def test_after_a_restart_the_first_poll_is_not_flagged(svc, clock):
+    from authsvc.datadir import open_service
+
+    t0 = clock.now()
+    code = authorize(svc, t0)["device_code"]
+    assert [outcome(poll(svc, code, t0 + s)) for s in (0, 1)] == ["authorization_pending", "slow_down"]
+    later = open_service(svc.settings)  # a restart: the polling state is gone, the code is not
+    try:
+        now = t0 + 2  # early for the interval of 10 s the device had earned
+        nonce = later.current_nonce(now)  # a restarted server wants a nonce (dpop.RestartGuard)
+        assert outcome(poll(later, code, now, dpop=proof(KEY, now, nonce=nonce))) == "authorization_pending"
+        assert code_state(later, code) == ("pending", 5, now, None)  # the issued interval again
+        now += 1
+        assert outcome(poll(later, code, now, dpop=proof(KEY, now, nonce=nonce))) == "slow_down"
+    finally:
+        later.store.close()
+
+
+def test_polling_state_is_dropped_when_the_code_is_decided_used_or_expired(svc, clock):
+    t0 = clock.now()
+    approved, denied, expired, left = (authorize(svc, t0) for _ in range(4))
+    for auth in (approved, denied, expired, left):
+        assert outcome(poll(svc, auth["device_code"], t0)) == "authorization_pending"
+    assert len(svc.polls) == 4
+    svc.decide(approved["user_code"], "alice", True, t0 + 1)
+    svc.decide(denied["user_code"], "alice", False, t0 + 1)
+    assert outcome(poll(svc, approved["device_code"], t0 + 2)) == "tokens"
+    assert outcome(poll(svc, denied["device_code"], t0 + 2)) == "access_denied"
+    assert outcome(poll(svc, expired["device_code"], t0 + 600)) == "expired_token"
+    assert len(svc.polls) == 1  # only the one still pending and unpolled since
+    svc.maintenance(t0 + 599)
+    assert len(svc.polls) == 1
+    svc.maintenance(t0 + 600)  # expired, never polled again: the sweep forgets it
+    assert len(svc.polls) == 0
+
+
+def test_polling_memory_is_bounded_least_recently_polled_first(svc, clock, monkeypatch):
+    monkeypatch.setattr(svc.polls, "capacity", 2)
+    t0 = clock.now()
+    codes = [authorize(svc, t0)["device_code"] for _ in range(3)]
+    for i, code in enumerate(codes):
+        assert outcome(poll(svc, code, t0 + i)) == "authorization_pending"
+    assert len(svc.polls) == 2
+    assert code_state(svc, codes[0])[2] is None  # forgotten: its next poll is not flagged
+    assert outcome(poll(svc, codes[0], t0 + 3)) == "authorization_pending"
+    assert outcome(poll(svc, codes[2], t0 + 4)) == "slow_down"  # still remembered
+    assert code_state(svc, codes[1])[2] is None and len(svc.polls) == 2
 
 
 # -- the order of checks on P/token: steps 1-3 never count as polls ------------------------------------
