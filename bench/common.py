@@ -44,15 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
-WHAT_IFS = (
-    "poll-in-memory",
-    "wal-normal",
-    "direct-topic-check",
-    "gc-freeze",
-    "gc-off",
-    "lean-jose",
-    "lazy-dummy-hash",
-)
+WHAT_IFS = ("wal-normal", "gc-freeze", "gc-off")
 PREFIX = "oauth/v1"
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 ADMIN_PASSWORD = "bench admin password"
