@@ -356,15 +356,12 @@ class AuthService:
                 and record["client_id"] == client_id)
 
     def _live_device(self, claims: AccessClaims, now: float) -> ConnectedDevice:
-        record = self.store.access_token(claims.jti)
-        grant = self.store.grant(record["grant_id"]) if record else None
-        if record is None or grant is None or record["revoked"] is not None or grant.revoked is not None:
-            raise ConnectRefused("token or grant revoked")
-        if self.store.client(claims.client_id) is None:
-            raise ConnectRefused("client no longer registered")
+        record = self.store.live_access_token(claims.jti, claims.client_id)
+        if record is None:
+            raise ConnectRefused("token or grant revoked, or client no longer registered")
         assert claims.jkt is not None
         return ConnectedDevice(claims.client_id, claims.sub, claims.scopes, claims.exp, claims.jti,
-                               grant.grant_id, claims.jkt)
+                               record["grant_id"], claims.jkt)
 
     def maintenance(self, now: float) -> None:
         """Forget what can no longer be used: old device codes, expired access-token records, sealed successors."""

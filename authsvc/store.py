@@ -338,6 +338,13 @@ class Store:
     def access_token(self, jti: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM access_tokens WHERE jti = ?", (jti,))
 
+    def live_access_token(self, jti: str, client_id: str) -> dict[str, Any] | None:
+        """The token's record when it, its grant and its client are all live: one query per CONNECT."""
+        return self._one(
+            "SELECT t.jti, t.grant_id FROM access_tokens t JOIN grants g ON g.grant_id = t.grant_id "
+            "JOIN clients c ON c.client_id = t.client_id "
+            "WHERE t.jti = ? AND t.client_id = ? AND t.revoked IS NULL AND g.revoked IS NULL", (jti, client_id))
+
     def revoke_access_token(self, jti: str, now: float) -> bool:
         with self.transaction():
             row = self.access_token(jti)

@@ -28,7 +28,7 @@ from authsvc.service import unverified_jti
 from broker.limits import MAX_SOURCES, ConnectLimiter
 from broker.server import HardenedBroker
 from tests.conftest import start_server
-from tests.wire import Device, Mqtt
+from tests.wire import Device, Mqtt, decode_jwt
 
 
 class Now:
@@ -361,3 +361,21 @@ def test_deliveries_follow_subscriptions_as_filters_come_and_go(server):
     unsubscribe("home/+/temperature")
     thermo.publish(topic, b"4")
     assert panel.wait_for(lambda: len(panel.messages) > 4, timeout=0.5) is False
+
+
+@pytest.mark.parametrize("undo", ["revoke the token", "revoke the grant", "remove the client"])
+def test_connect_needs_a_live_token_grant_and_client(server, undo):
+    """One database query decides all three at CONNECT: each one alone refuses."""
+    dev, tokens, first = paired(server, "lamp-1")
+    assert first.connack == 0
+    first.close()
+    svc, now = server.service, server.clock.now()
+    jti = decode_jwt(tokens["access_token"])[1]["jti"]
+    grant_id = server.call(lambda: svc.store.access_token(jti)["grant_id"])
+    if undo == "revoke the token":
+        server.call(svc.store.revoke_access_token, jti, now)
+    elif undo == "revoke the grant":
+        server.call(svc.store.revoke_grant, grant_id, "test", now)
+    else:
+        server.call(svc.remove_client, "lamp-1", now)
+    assert dev.session(tokens["access_token"]).connack == 5
