@@ -2,7 +2,7 @@
 
 1, 10 and 100 simulated devices poll `oauth/v1/token` with the device-code grant (RFC 8628 3.4) while
 their codes await approval, so every poll is a full request: envelope, client lookup, DPoP proof
-verification with the server nonce, device-code lookup and the counted poll written to the database,
+verification with the server nonce, device-code lookup and the counted poll (kept in the serving process),
 then the `authorization_pending` reply. Each device polls every interval (the data dir sets
 tokens.poll_interval = 1 s, five times the default rate, plus a 10 % margin so no poll earns
 `slow_down`), from a random phase, over its own bootstrap session, as a real device would.
