@@ -11,6 +11,8 @@
 - `_run_broadcast`: delivery QoS is min(publish QoS, subscription QoS) (MQTT 3.1.1 section 3.8.4);
   stock amqtt delivers at the subscription's QoS (flaw 4). `$share/<group>/<filter>` delivers to one
   member in turn; stock amqtt matched it literally and never delivered.
+- `add_subscription`: a repeated filter replaces the subscription's QoS (MQTT-3.8.4-3); stock amqtt kept
+  the first.
 - `retain_message`: a device's publish never becomes a retained message under the protocol prefix.
 - `_publish_retained_messages_for_subscription`: retained messages obey the RECEIVE check and go only
   to the session's own subscriptions (flaw 2); `_publish_session_retained_messages` applies the same
@@ -276,9 +278,15 @@ class HardenedBroker(Broker):
         return found
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        if subscription[0] not in self._subscriptions:
+        topic_filter = subscription[0]
+        if topic_filter not in self._subscriptions:
             self._filters_version += 1  # a new filter: `_filters_matching` rebuilds its list of patterns
-        return await super().add_subscription(subscription, session)
+        granted = await super().add_subscription(subscription, session)
+        if granted != 0x80:
+            # MQTT-3.8.4-3: a repeated filter replaces the subscription; stock amqtt kept the first QoS
+            members = self._subscriptions.get(topic_filter, [])
+            members[:] = [(s, granted if s.client_id == session.client_id else q) for s, q in members]
+        return granted
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         """Our plugin is the only topic checker and always answers a real bool, catching its own errors: ask it

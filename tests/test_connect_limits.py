@@ -9,6 +9,7 @@
 | 11 delivery QoS | the subscription's QoS | min(publish QoS, subscription QoS) |
 | 11 offline queue | a QoS 0 message is queued, at the subscription's QoS | only QoS 1 and 2 are kept |
 | 8 `$share/<group>/<filter>` | matched literally: never delivers | each message to one member, in turn |
+| repeated SUBSCRIBE | keeps the first QoS | replaces the subscription (MQTT-3.8.4-3) |
 | resumed session | keeps the first connection's clean-session flag, so drops its subscriptions | persistent |
 """
 
@@ -379,3 +380,18 @@ def test_connect_needs_a_live_token_grant_and_client(server, undo):
     else:
         server.call(svc.remove_client, "lamp-1", now)
     assert dev.session(tokens["access_token"]).connack == 5
+
+
+@pytest.mark.parametrize("flavour", flavours("a repeated SUBSCRIBE keeps the first QoS"))
+def test_subscribing_again_replaces_the_subscriptions_qos(settings, clock, flavour):
+    srv = start_server(settings, clock, broker_cls=BROKERS[flavour])
+    try:
+        _, _, thermo = paired(srv, "thermo-1")
+        _, _, panel = paired(srv, "panel-1")
+        assert panel.subscribe("home/+/temperature", qos=0) == [0]
+        assert panel.subscribe("home/+/temperature", qos=1) == [1]  # MQTT-3.8.4-3: replaces the first
+        thermo.publish("home/thermo-1/temperature", b"20.5", qos=1)
+        assert panel.wait_message("home/thermo-1/temperature") == [b"20.5"]
+        assert panel.flags == [("home/thermo-1/temperature", 1, False)]
+    finally:
+        srv.stop()
