@@ -35,6 +35,7 @@ from authsvc.keys import b64u
 MAX_PROOF_BYTES = 4096
 MAX_JTI_CHARS = 64  # protocol.md section 4; bounds what one entry of the jti memory can cost
 MIN_JTI_RETENTION = 600  # protocol.md section 4: the jti memory keeps each entry at least 10 minutes
+PER_TRUSTED_KEY = 1_000  # live proofs a paired device's key may hold beyond the quotas (a device makes a few)
 JTI_CAPACITY = 200_000  # entries in all (a few hundred bytes each); when full, new proofs are refused
 PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 # algorithm -> (kty, crv) its key must have; asymmetric only
@@ -365,9 +366,13 @@ class JtiMemory:
     twice: in all (`capacity`), and per source address, so one host flooding valid proofs from throwaway keys
     locks out only itself. Both refusals are `temporarily_unavailable` (CONNACK 5 at the broker), logged."""
 
-    def __init__(self, capacity: int = JTI_CAPACITY, per_source: int = 5_000) -> None:
+    def __init__(self, capacity: int = JTI_CAPACITY, per_source: int = 5_000,
+                 trusted: Callable[[str], bool] | None = None) -> None:
         self.capacity = capacity
         self.per_source = per_source
+        # A key bound to a live grant (a paired device's) is never locked out by a flood of throwaway keys,
+        # from however many addresses: past either bound its proofs are kept under a quota of their own.
+        self.trusted = trusted
         self._seen: dict[tuple[str, str], tuple[float, str]] = {}  # (jkt, jti) -> (keep until, source)
         self._expiry: list[tuple[float, str, str]] = []  # heap of (keep until, jkt, jti)
         self._by_source: Counter[str] = Counter()
@@ -385,15 +390,22 @@ class JtiMemory:
         self._purge(now)
         if (jkt, jti) in self._seen:
             raise InvalidDPoPProof("The DPoP proof has been used before (jti replay)")
-        if self._by_source[source] >= self.per_source:
-            raise TemporarilyUnavailable("Too many DPoP proofs from this address; retry in a few minutes",
-                                         detail=f"per-source proof quota of {self.per_source} reached by {source!r}")
-        if len(self._seen) >= self.capacity:
-            raise TemporarilyUnavailable("Too many DPoP proofs in flight; retry in a few minutes",
-                                         detail=f"the DPoP jti memory is full ({self.capacity} proofs kept)")
+        if self._by_source[source] >= self.per_source or len(self._seen) >= self.capacity:
+            source = self._reserve_for(jkt, source)
         self._seen[(jkt, jti)] = (until, source)
         heapq.heappush(self._expiry, (until, jkt, jti))
         self._by_source[source] += 1
+
+    def _reserve_for(self, jkt: str, source: str) -> str:
+        """The accounting name for a proof past the per-source quota or the capacity, or a refusal."""
+        reserved = f"key:{jkt}"
+        if self.trusted is not None and self._by_source[reserved] < PER_TRUSTED_KEY and self.trusted(jkt):
+            return reserved
+        if self._by_source[source] >= self.per_source:
+            raise TemporarilyUnavailable("Too many DPoP proofs from this address; retry in a few minutes",
+                                         detail=f"per-source proof quota of {self.per_source} reached by {source!r}")
+        raise TemporarilyUnavailable("Too many DPoP proofs in flight; retry in a few minutes",
+                                     detail=f"the DPoP jti memory is full ({self.capacity} proofs kept)")
 
     def kept_until(self, jkt: str, jti: str) -> float | None:
         entry = self._seen.get((jkt, jti))
@@ -405,11 +417,11 @@ class JtiMemory:
 
 class DPoPVerifier:
     def __init__(self, nonces: NonceIssuer, *, algorithms: tuple[str, ...], window: int, per_source: int = 5_000,
-                 restart_guard: RestartGuard | None = None) -> None:
+                 restart_guard: RestartGuard | None = None, trusted: Callable[[str], bool] | None = None) -> None:
         self.nonces = nonces
         self.algorithms = algorithms
         self.window = window
-        self.jtis = JtiMemory(per_source=per_source)
+        self.jtis = JtiMemory(per_source=per_source, trusted=trusted)
         self.restart_guard = restart_guard
 
     def verify(self, proof: Any, *, htm: str, htu: str, now: float, access_token: str | None = None,

@@ -103,7 +103,8 @@ class AuthService:
         # (and so no nonce-bearing proof) from before it may be accepted again.
         nonces = NonceIssuer(secrets.token_bytes(32), settings.nonce_step)
         self.dpop = DPoPVerifier(nonces, algorithms=settings.dpop_algorithms, window=settings.iat_window,
-                                 per_source=settings.max_proofs_per_source, restart_guard=self._restart_guard())
+                                 per_source=settings.max_proofs_per_source, restart_guard=self._restart_guard(),
+                                 trusted=self.store.key_has_live_grant)
         self.on_revocation: list[Callable[[], None]] = []
         # Last poll and current interval of pending device codes: in this process, not in the database (an
         # fsync per poll). Empty after a restart: each code's first poll then is simply not flagged.

@@ -291,6 +291,9 @@ class Store:
     def grant(self, grant_id: str) -> Grant | None:
         return _row(Grant, self._one("SELECT * FROM grants WHERE grant_id = ?", (grant_id,)))
 
+    def key_has_live_grant(self, jkt: str) -> bool:
+        return self._one("SELECT 1 AS live FROM grants WHERE jkt = ? AND revoked IS NULL LIMIT 1", (jkt,)) is not None
+
     def live_grants(self, client_id: str | None = None) -> list[Grant]:
         sql, params = "SELECT * FROM grants WHERE revoked IS NULL", ()
         if client_id is not None:

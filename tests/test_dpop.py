@@ -397,13 +397,34 @@ def test_jti_memory_refuses_new_proofs_at_capacity_and_recovers(svc, clock, capl
     assert len(svc.dpop.jtis) == 1
 
 
-def test_a_full_jti_memory_refuses_connect_with_connack_5_and_logs_why(svc, clock):
+def test_a_full_jti_memory_refuses_new_keys_but_never_a_paired_devices_key(svc, clock):
+    """A flood of throwaway keys from many addresses fills the memory: pairing waits, paired devices don't."""
     now = clock.now()
     token = paired(svc, now)["access_token"]
     svc.dpop.jtis.capacity = len(svc.dpop.jtis)
+    with pytest.raises(TemporarilyUnavailable, match="the DPoP jti memory is full"):
+        svc.dpop.verify(forge(now, key=OTHER), htm="PUBLISH", htu=TOKEN_TOPIC, now=now)
+    device = svc.authorize_connect("lamp-1", "lamp-1", f"{token} {connect_proof(svc, token, now)}", now)
+    assert device.client_id == "lamp-1"  # its key is bound to a live grant: kept under a quota of its own
+
+
+def test_a_paired_key_past_its_own_quota_is_refused_with_connack_5_and_the_reason(svc, clock, monkeypatch):
+    now = clock.now()
+    token = paired(svc, now)["access_token"]
+    svc.dpop.jtis.capacity = len(svc.dpop.jtis)
+    monkeypatch.setattr("authsvc.dpop.PER_TRUSTED_KEY", 0)
     with pytest.raises(ConnectRefused, match="the DPoP jti memory is full") as exc:
         svc.authorize_connect("lamp-1", "lamp-1", f"{token} {connect_proof(svc, token, now)}", now)
     assert exc.value.code == 5  # protocol.md section 6: any CONNECT failure is CONNACK 5
+
+
+def test_a_revoked_devices_key_gets_no_reserve(svc, clock):
+    now = clock.now()
+    paired(svc, now)
+    svc.revoke_client("lamp-1", now)
+    svc.dpop.jtis.capacity = len(svc.dpop.jtis)
+    with pytest.raises(TemporarilyUnavailable):
+        svc.dpop.verify(forge(now), htm="PUBLISH", htu=TOKEN_TOPIC, now=now)
 
 
 def test_jti_memory_keeps_each_entry_until_its_acceptance_deadline_and_at_least_ten_minutes(svc, clock):
