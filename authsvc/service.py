@@ -346,15 +346,17 @@ class AuthService:
             raise ConnectRefused("proof key is not the token's cnf.jkt")
         return self._live_device(claims, now)
 
-    def names_live_token(self, client_id: str, password: str, now: float) -> bool:
-        """Cheap, unverified pre-check: does the password carry a live access token we issued to this client?
+    def live_token_jti(self, client_id: str, password: str, now: float) -> str | None:
+        """Cheap, unverified pre-check: the `jti` of a live access token we issued to this client, if the
+        password carries one.
 
         Used only to let a device through a per-source CONNECT limit without spending two signature
         checks on every attempt of a flood; `authorize_connect` still verifies everything."""
         jti = unverified_jti(password.partition(" ")[0])
         record = self.store.access_token(jti) if jti else None
-        return (record is not None and record["revoked"] is None and record["exp"] > now
+        live = (record is not None and record["revoked"] is None and record["exp"] > now
                 and record["client_id"] == client_id)
+        return jti if live else None
 
     def _live_device(self, claims: AccessClaims, now: float) -> ConnectedDevice:
         record = self.store.live_access_token(claims.jti, claims.client_id)

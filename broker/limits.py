@@ -15,7 +15,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-MAX_SOURCES = 10_000  # sources remembered at once; the stalest are forgotten first
+MAX_SOURCES = 10_000  # sources (and tokens) remembered at once; the stalest are forgotten first
+PER_TOKEN = 3  # over-limit CONNECTs let through per live token and window
 
 
 class ConnectLimiter:
@@ -27,6 +28,7 @@ class ConnectLimiter:
         self._now = now
         self._seen: OrderedDict[str, deque[float]] = OrderedDict()
         self._bootstrap: dict[str, int] = {}
+        self._tokens: OrderedDict[str, deque[float]] = OrderedDict()
         self._refusals: dict[str, tuple[int, float | None]] = {}  # source -> (unlogged refusals, last log)
 
     def attempt(self, source: str) -> bool:
@@ -39,6 +41,22 @@ class ConnectLimiter:
         limited = len(times) == self.attempts and times[0] > now - self.window
         times.append(now)
         return not limited
+
+    def token_pass(self, jti: str | None) -> bool:
+        """A CONNECT over its source's limit that carries a live token of ours: let it be verified, at most
+        `PER_TOKEN` times per window for that token (a device reconnects a few times; a thief holding a
+        leaked token but not its key would otherwise get unlimited fully checked attempts)."""
+        if jti is None:
+            return False
+        now = self._now()
+        times = self._tokens.pop(jti, None) or deque(maxlen=PER_TOKEN)
+        self._tokens[jti] = times
+        if len(self._tokens) > MAX_SOURCES:
+            self._tokens.popitem(last=False)
+        if len(times) == PER_TOKEN and times[0] > now - self.window:
+            return False
+        times.append(now)
+        return True
 
     def refund(self, source: str) -> None:
         """The attempt authenticated as a device: it does not count against the source."""

@@ -151,10 +151,11 @@ class HardenedBroker(Broker):
 
     def _over_limits(self, session: Session, source: str) -> int:
         """CONNACK 3 when the source is over its CONNECT or bootstrap limit. A CONNECT carrying a live
-        token we issued to that ClientId passes (then is fully verified), so devices are unaffected."""
+        token we issued to that ClientId passes (then is fully verified), so devices are unaffected; a
+        few times per token and window, so a leaked token without its key buys no flood."""
         limiter = self.limiter
         bootstrap = session.password is None
-        if not limiter.attempt(source) and (bootstrap or not self._names_live_token(session)):
+        if not limiter.attempt(source) and (bootstrap or not limiter.token_pass(self._live_token_jti(session))):
             reason = f"more than {limiter.attempts} CONNECT attempts within {limiter.window:g} s"
         elif bootstrap and not limiter.bootstrap_allowed(source):
             reason = f"{limiter.bootstrap_sessions} bootstrap sessions already open"
@@ -167,11 +168,10 @@ class HardenedBroker(Broker):
                         source, reason, refused)
         return SERVER_UNAVAILABLE
 
-    def _names_live_token(self, session: Session) -> bool:
+    def _live_token_jti(self, session: Session) -> str | None:
         if self.gate is None or not isinstance(session.password, str):
-            return False
-        return self.gate.service.names_live_token(session.client_id or "", session.password,
-                                                  self.gate.clock.now())
+            return None
+        return self.gate.service.live_token_jti(session.client_id or "", session.password, self.gate.clock.now())
 
     async def _attach_session(self, session: Session) -> Session:
         """MQTT 3.1.4: a new connection takes over its ClientId's session (or starts clean)."""

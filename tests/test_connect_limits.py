@@ -26,10 +26,10 @@ import pytest
 from amqtt.broker import Broker
 
 from authsvc.service import unverified_jti
-from broker.limits import MAX_SOURCES, ConnectLimiter
+from broker.limits import MAX_SOURCES, PER_TOKEN, ConnectLimiter
 from broker.server import HardenedBroker
 from tests.conftest import start_server
-from tests.wire import Device, Mqtt, decode_jwt
+from tests.wire import Device, Mqtt, decode_jwt, remaining_length
 
 
 class Now:
@@ -68,6 +68,15 @@ def test_a_refunded_attempt_does_not_count() -> None:
         assert lim.attempt("10.0.0.9")
         lim.refund("10.0.0.9")  # a device authenticated
     assert [lim.attempt("10.0.0.9") for _ in range(4)] == [True, True, True, False]
+
+
+def test_an_over_limit_token_passes_a_few_times_per_window() -> None:
+    lim, now = limiter()
+    assert not lim.token_pass(None)
+    assert [lim.token_pass("jti-1") for _ in range(PER_TOKEN + 1)] == [True] * PER_TOKEN + [False]
+    assert lim.token_pass("jti-2")  # another token
+    now.t += 10.5
+    assert lim.token_pass("jti-1")
 
 
 def test_bootstrap_slots_are_counted_and_freed() -> None:
@@ -118,7 +127,7 @@ def connect_raw(port: int, client_id: str, password: bytes | None = None) -> tup
     body = variable + payload
     sock = socket.create_connection(("127.0.0.1", port))
     sock.settimeout(5)
-    sock.sendall(bytes([0x10, len(body)]) + body)
+    sock.sendall(b"\x10" + remaining_length(len(body)) + body)
     reply = sock.recv(4)
     return sock, (reply[3] if len(reply) == 4 else None)
 
@@ -395,3 +404,19 @@ def test_subscribing_again_replaces_the_subscriptions_qos(settings, clock, flavo
         assert panel.flags == [("home/thermo-1/temperature", 1, False)]
     finally:
         srv.stop()
+
+
+def test_a_leaked_token_without_its_key_buys_no_flood_past_the_limit(server, caplog):
+    """Over the limit, a CONNECT naming a live token is verified only a few times per window: a thief holding
+    the token but not the key gets CONNACK 3 after that, while the device (with its key) got in first."""
+    dev, tokens, live = paired(server, "thermo-1")
+    token = tokens["access_token"]
+    for _ in range(20):  # use up the address's attempts
+        sock, _ = connect_raw(server.mqtt_port, "thermo-1", b"forged forged")
+        sock.close()
+    codes = []
+    for _ in range(8):
+        sock, code = connect_raw(server.mqtt_port, "thermo-1", f"{token} not-a-proof".encode())
+        sock.close()
+        codes.append(code)
+    assert codes[:PER_TOKEN] == [5] * PER_TOKEN and set(codes[PER_TOKEN:]) == {3}, codes
