@@ -16,6 +16,7 @@ from typing import Any
 from authsvc import metrics
 from authsvc.clock import Clock
 from authsvc.errors import InvalidRequest, OAuthError, ServerError, TemporarilyUnavailable
+from authsvc.quietlog import QuietLog
 from authsvc.service import ENDPOINTS, AuthService
 
 log = logging.getLogger("iotauth.mqtt_api")
@@ -63,6 +64,7 @@ class MqttApi:
         prefix = service.settings.prefix
         self.request_topics = {f"{prefix}/{e}": e for e in ENDPOINTS}
         self.reply_prefix = f"{prefix}/reply/"
+        self._quiet = QuietLog()  # one line per endpoint and error code per window: a flood cannot fill the disk
 
     def is_request_topic(self, topic: str) -> bool:
         return topic in self.request_topics
@@ -121,5 +123,8 @@ class MqttApi:
     def render_error(self, endpoint: str, exc: OAuthError) -> dict[str, Any]:
         metrics.REQUESTS.labels(endpoint=endpoint, outcome=exc.error).inc()
         level = logging.INFO if exc.error in ("authorization_pending", "slow_down") else logging.WARNING
-        log.log(level, "%s -> %s: %s", endpoint, exc.error, exc.detail)
+        left_out = self._quiet.due((endpoint, exc.error))
+        if left_out is not None:
+            more = f" ({left_out} more like it in the last {self._quiet.window:g} s)" if left_out else ""
+            log.log(level, "%s -> %s: %s%s", endpoint, exc.error, exc.detail, more)
         return exc.to_wire()

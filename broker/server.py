@@ -57,6 +57,17 @@ SERVER_UNAVAILABLE = 3  # CONNACK for a source over its limits: "try later", not
 QOS_2 = 2
 
 
+class _RefusalEcho(logging.Filter):
+    """amqtt logs a WARNING for every CONNECT we refuse ("Failed to initialize client session"); we log our
+    own decision, once per source and window, so a flood of refused CONNECTs cannot fill the disk."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CONNECT refused with return code" not in record.getMessage()
+
+
+logging.getLogger("amqtt.broker").addFilter(_RefusalEcho())
+
+
 def _exact(topic_filter: str) -> bool:
     return "+" not in topic_filter and "#" not in topic_filter and unshare(topic_filter) == topic_filter
 
