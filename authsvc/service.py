@@ -12,6 +12,7 @@ import json
 import logging
 import secrets
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +44,11 @@ log = logging.getLogger("iotauth.service")
 
 ENDPOINTS = ("device_authorization", "token", "revoke")
 MAX_PARAM_CHARS = 4096
-MAX_PENDING_CODES = 20  # per client: a device needs one; a flood of requests must not fill the database
+# Pending pairing codes. A device needs one. Counted per client AND address, so a host that guesses a
+# client_id (they are not secret) cannot stop that device from pairing; the per-client total only bounds
+# the database against a flood from many addresses.
+PENDING_PER_SOURCE = 20
+MAX_PENDING_CODES = 200
 # Pending codes whose polling state is kept in memory (device_flow.PollMemory, ~200 bytes each): entries
 # exist only for pending codes of registered clients (MAX_PENDING_CODES each); past this many, the least
 # recently polled is forgotten, which costs that device at most one early poll that is not flagged.
@@ -109,6 +114,7 @@ class AuthService:
         # Last poll and current interval of pending device codes: in this process, not in the database (an
         # fsync per poll). Empty after a restart: each code's first poll then is simply not flagged.
         self.polls = device_flow.PollMemory(MAX_POLLED_CODES)
+        self._pending: OrderedDict[tuple[str, str], list[float]] = OrderedDict()  # (client, address) -> expiries
 
     def _restart_guard(self) -> RestartGuard:
         """Proofs without a nonce seen by an earlier process stay refused here (see dpop.RestartGuard)."""
@@ -162,6 +168,16 @@ class AuthService:
         return {"access_token": token, "token_type": "DPoP", "expires_in": self.settings.access_ttl,
                 "scope": scope, "refresh_token": refresh_token}
 
+    def _pending_from(self, client_id: str, source: str, now: float) -> list[float]:
+        """Expiry times of the codes this address asked for this client that may still be pending (in memory:
+        after a restart an address simply starts afresh)."""
+        key = (client_id, source)
+        live = [t for t in self._pending.pop(key, []) if t > now]
+        self._pending[key] = live
+        if len(self._pending) > MAX_POLLED_CODES:
+            self._pending.popitem(last=False)
+        return live
+
     def require_client(self, client_id: str) -> dict[str, Any]:
         client = self.store.client(client_id) if valid_identity(client_id) else None
         if client is None:
@@ -189,9 +205,15 @@ class AuthService:
                              "The requested scope is not among the scopes registered for this client")
         jkt = self.verify_request_proof(params["dpop"], "device_authorization", now, source).jkt \
             if "dpop" in params else None
+        from_here = self._pending_from(client["client_id"], source, now)
+        if len(from_here) >= PENDING_PER_SOURCE:
+            raise TemporarilyUnavailable("Too many pairing requests are pending for this client; retry later",
+                                         detail=f"{source!r} has {PENDING_PER_SOURCE} pending codes for "
+                                                f"{client['client_id']}")
         if self.store.pending_device_codes(client["client_id"], now) >= MAX_PENDING_CODES:
             raise TemporarilyUnavailable("Too many pairing requests are pending for this client; retry later",
                                          detail=f"{client['client_id']} has {MAX_PENDING_CODES} pending codes")
+        from_here.append(now + self.settings.device_code_ttl)
         device_code = device_flow.new_device_code()
         s = self.settings
         while True:

@@ -12,7 +12,7 @@ import pytest
 from joserfc.jwk import ECKey
 
 from authsvc import device_flow
-from authsvc.errors import ExpiredUserCode, UnknownUserCode, UsedUserCode
+from authsvc.errors import ExpiredUserCode, OAuthError, UnknownUserCode, UsedUserCode
 from authsvc.grants import DEVICE_CODE_GRANT
 from authsvc.service import AuthService
 from tests.conftest import wire_reply as call
@@ -425,13 +425,39 @@ def test_removing_a_client_cancels_its_pending_codes(svc, clock):
     assert outcome(poll(svc, reply["device_code"], clock.now())) == "invalid_grant"
 
 
-def test_pending_codes_per_client_are_capped(svc, clock):
-    from authsvc.service import MAX_PENDING_CODES
+def test_pending_codes_per_client_and_address_are_capped(svc, clock):
+    from authsvc.service import PENDING_PER_SOURCE
 
-    for _ in range(MAX_PENDING_CODES):
+    for _ in range(PENDING_PER_SOURCE):
         authorize(svc, clock.now())
     assert call(svc, "device_authorization", {"client_id": "lamp-1"}, clock.now())["error"] \
         == "temporarily_unavailable"
     assert "user_code" in call(svc, "device_authorization", {"client_id": "lamp-2"}, clock.now())
     clock.advance(601)  # the pending ones expire
     assert "user_code" in call(svc, "device_authorization", {"client_id": "lamp-1"}, clock.now())
+
+
+def test_a_host_that_guesses_a_client_id_cannot_stop_that_device_pairing(svc, clock):
+    """client_ids are not secret: 20 pending codes asked from one address leave others free to pair."""
+    from authsvc.service import PENDING_PER_SOURCE
+
+    now = clock.now()
+    for _ in range(PENDING_PER_SOURCE):
+        svc.handle("device_authorization", {"client_id": "lamp-1"}, now, source="192.0.2.66")
+    assert wire_reply_from(svc, "192.0.2.66", now)["error"] == "temporarily_unavailable"
+    assert "user_code" in wire_reply_from(svc, "192.0.2.10", now)  # the device itself
+
+
+def test_pending_codes_per_client_are_bounded_over_many_addresses(svc, clock, monkeypatch):
+    monkeypatch.setattr("authsvc.service.MAX_PENDING_CODES", 3)
+    now = clock.now()
+    for n in range(3):
+        assert "user_code" in wire_reply_from(svc, f"192.0.2.{n}", now)
+    assert wire_reply_from(svc, "192.0.2.99", now)["error"] == "temporarily_unavailable"
+
+
+def wire_reply_from(svc, source: str, now: float) -> dict:
+    try:
+        return svc.handle("device_authorization", {"client_id": "lamp-1"}, now, source=source)
+    except OAuthError as exc:
+        return exc.to_wire()
