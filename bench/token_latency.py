@@ -150,7 +150,7 @@ def run_level(loop: Loop, devices: list[Poller], seconds: float, server: Server)
         "samples": len(latencies),
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
-        "max_ms": max(latencies) * 1000,
+        "max_ms": max(latencies, default=float("nan")) * 1000,
         "requests_per_s": len(latencies) / seconds,
         "server_cpu_percent": 100 * cpu / wall,
         "outcomes": dict(outcomes),
@@ -173,7 +173,7 @@ def run_burst(loop: Loop, devices: list[Poller], rounds: int) -> dict[str, Any]:
         "samples": len(latencies),
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
-        "max_ms": max(latencies) * 1000,
+        "max_ms": max(latencies, default=float("nan")) * 1000,
     }
 
 
