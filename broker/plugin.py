@@ -76,6 +76,8 @@ class IotAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):
             session.attributes[ATTR] = SessionInfo("bootstrap", bootstrap_acl(prefix))
             metrics.CONNECTS.labels(outcome="bootstrap").inc()
             return True
+        if session.will_flag and session.will_qos not in (0, 1, 2):
+            raise ConnectRefused(f"Will QoS {session.will_qos} is malformed (MQTT-3.1.2-14)")
         device = gate.service.authorize_connect(client_id, session.username, session.password, gate.clock.now(),
                                                 source=session.remote_address or "")
         acl = compile_acl(device.scopes, gate.service.settings.scopes, client_id=device.client_id,

@@ -420,3 +420,23 @@ def test_a_leaked_token_without_its_key_buys_no_flood_past_the_limit(server, cap
         sock.close()
         codes.append(code)
     assert codes[:PER_TOKEN] == [5] * PER_TOKEN and set(codes[PER_TOKEN:]) == {3}, codes
+
+
+def test_a_will_qos_of_3_is_refused_even_with_a_valid_token(server, caplog):
+    """MQTT-3.1.2-14: Will QoS 3 is malformed; amqtt admitted it and published the Will later."""
+    dev, tokens, first = paired(server, "thermo-1")
+    first.close()
+    token = tokens["access_token"]
+
+    def field(data: bytes) -> bytes:
+        return struct.pack("!H", len(data)) + data
+
+    password = f"{token} {dev.connect_proof(token)}".encode()
+    flags = 0x80 | 0x40 | 0x18 | 0x04 | 0x02  # username, password, Will QoS 3, Will, clean session
+    body = (b"\x00\x04MQTT\x04" + bytes([flags]) + struct.pack("!H", 30) + field(b"thermo-1")
+            + field(b"home/thermo-1/temperature") + field(b"gone") + field(b"thermo-1") + field(password))
+    with socket.create_connection(("127.0.0.1", server.mqtt_port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(b"\x10" + remaining_length(len(body)) + body)
+        assert sock.recv(4) == b"\x20\x02\x00\x05"
+    assert "Will QoS 3 is malformed" in caplog.text
