@@ -35,7 +35,8 @@ from authsvc.errors import (
 )
 from authsvc.grants import GRANTS, scope_within
 from authsvc.keyring import KeyRing
-from authsvc.keys import b64u_decode, keyed_hash
+from authsvc.jws_compact import b64u_decode_strict
+from authsvc.keys import keyed_hash
 from authsvc.store import DeviceCode, Grant, RefreshToken, Store
 from authsvc.tokens import AccessClaims, TokenError, issue_access_token, verify_access_token
 from broker.acl import valid_identity
@@ -49,6 +50,7 @@ MAX_PARAM_CHARS = 4096
 # the database against a flood from many addresses.
 PENDING_PER_SOURCE = 20
 MAX_PENDING_CODES = 200
+MAX_PENDING_KEYS = 10_000  # (client, address) pairs remembered; the stalest are forgotten first
 # Pending codes whose polling state is kept in memory (device_flow.PollMemory, ~200 bytes each): entries
 # exist only for pending codes of registered clients (MAX_PENDING_CODES each); past this many, the least
 # recently polled is forgotten, which costs that device at most one early poll that is not flagged.
@@ -174,7 +176,7 @@ class AuthService:
         key = (client_id, source)
         live = [t for t in self._pending.pop(key, []) if t > now]
         self._pending[key] = live
-        if len(self._pending) > MAX_POLLED_CODES:
+        if len(self._pending) > MAX_PENDING_KEYS:
             self._pending.popitem(last=False)
         return live
 
@@ -402,7 +404,7 @@ def unverified_jti(token: str) -> str | None:
     if len(parts) != 3 or len(parts[1]) > 4096:
         return None
     try:
-        claims = json.loads(b64u_decode(parts[1]))
+        claims = json.loads(b64u_decode_strict(parts[1]))
     except (ValueError, RecursionError):
         return None
     jti = claims.get("jti") if isinstance(claims, dict) else None

@@ -5,6 +5,7 @@ Two limits, both per source address:
   authenticates as a device, so a device reconnecting is never limited, while failed CONNECTs and
   bootstrap sessions are. Refused attempts count too: a client that keeps hammering stays refused.
 - Concurrent bootstrap (password-less) sessions: at most `bootstrap_sessions` at once.
+Over the attempt limit, a CONNECT carrying a live token of ours still passes `PER_TOKEN` times per window.
 
 Time is `time.monotonic` by default: these are transport limits, like the keep-alive, not token times.
 """
@@ -29,7 +30,6 @@ class ConnectLimiter:
         self._seen: OrderedDict[str, deque[float]] = OrderedDict()
         self._bootstrap: dict[str, int] = {}
         self._tokens: OrderedDict[str, deque[float]] = OrderedDict()
-        self._refusals: dict[str, tuple[int, float | None]] = {}  # source -> (unlogged refusals, last log)
 
     def attempt(self, source: str) -> bool:
         """Counts one CONNECT attempt; False when the source has used up its attempts in the window."""
@@ -76,15 +76,3 @@ class ConnectLimiter:
             self._bootstrap[source] = left
         else:
             self._bootstrap.pop(source, None)
-
-    def note_refused(self, source: str) -> int | None:
-        """Counts a refusal. Returns how many went unlogged when one log line is due (at most one per
-        window per source, so a flood cannot fill the disk), else None."""
-        now = self._now()
-        count, logged_at = self._refusals.pop(source, (0, None))
-        count += 1
-        due = logged_at is None or now - logged_at >= self.window
-        self._refusals[source] = (0, now) if due else (count, logged_at)
-        if len(self._refusals) > MAX_SOURCES:
-            self._refusals.pop(next(iter(self._refusals)))
-        return count if due else None

@@ -42,6 +42,7 @@ from amqtt.utils import gen_client_id
 
 from authsvc import metrics
 from authsvc.clock import Clock
+from authsvc.quietlog import QuietLog
 from authsvc.service import AuthService
 from broker.acl import unshare
 from broker.gate import HANDLER, Gate, close_connection
@@ -88,6 +89,7 @@ class HardenedBroker(Broker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limiter = ConnectLimiter(attempts=20, window=10.0, bootstrap_sessions=50)  # start_broker sets it
+        self._quiet = QuietLog()
         self._share_turn: dict[str, int] = {}  # shared subscription filter -> next member to deliver to
         self._filters_version = 0  # bumped when a new filter is stored
         self._pattern_version = -1
@@ -173,10 +175,10 @@ class HardenedBroker(Broker):
         else:
             return 0
         metrics.CONNECTS.labels(outcome="limited").inc()
-        refused = limiter.note_refused(source)
-        if refused is not None:
-            log.warning("CONNECT from %s refused with CONNACK 3: %s (%d refused since the last such line)",
-                        source, reason, refused)
+        left_out = self._quiet.due(source)  # one line per source and window: a flood cannot fill the disk
+        if left_out is not None:
+            log.warning("CONNECT from %s refused with CONNACK 3: %s (%d more refused since the last such line)",
+                        source, reason, left_out)
         return SERVER_UNAVAILABLE
 
     def _live_token_jti(self, session: Session) -> str | None:

@@ -88,20 +88,12 @@ def test_bootstrap_slots_are_counted_and_freed() -> None:
     assert lim.bootstrap_allowed("a")
 
 
-def test_refusals_are_logged_at_most_once_per_window_with_a_count() -> None:
-    lim, now = limiter(window=10)
-    assert lim.note_refused("a") == 1
-    assert [lim.note_refused("a") for _ in range(5)] == [None] * 5
-    now.t += 10
-    assert lim.note_refused("a") == 6
-
-
 def test_memory_stays_bounded_under_many_sources() -> None:
     lim, _ = limiter()
     for i in range(MAX_SOURCES + 500):
         lim.attempt(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
-        lim.note_refused(f"s{i}")
-    assert len(lim._seen) <= MAX_SOURCES and len(lim._refusals) <= MAX_SOURCES
+        lim.token_pass(f"jti-{i}")
+    assert len(lim._seen) <= MAX_SOURCES and len(lim._tokens) <= MAX_SOURCES
 
 
 BROKERS = {"ours": HardenedBroker, "stock": Broker}

@@ -290,28 +290,23 @@ def test_sealed_state_file_holds_neither_the_refresh_token_nor_the_private_key_i
     assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
 
 
-def test_device_waits_out_a_busy_service_and_then_pairs(quick, make_device):
-    jtis = quick.service.dpop.jtis
-    quick.call(setattr, jtis, "per_source", 0)  # every proof from loopback: temporarily_unavailable
-    thermo, events = make_device("thermo-1")
-    thermo.start()
-    busy = events.wait_for("error", WAIT)
-    assert "temporarily_unavailable" in busy.data["message"] and busy.data["retry_in"] > 0
-    quick.call(setattr, jtis, "per_source", 5000)
-    shown = events.wait_for("code_shown", 3 * WAIT)
-    quick.approve(shown.data["user_code"])
-    assert events.wait_for("connected", WAIT)
-    assert thermo.error is None
+# (where the limit lives, its attribute, the value that refuses everything, the normal value, what the device sees)
+BUSY = {
+    "service proof quota": (lambda srv: srv.service.dpop.jtis, "per_source", 0, 5000, "temporarily_unavailable"),
+    "broker bootstrap cap": (lambda srv: srv.run.broker.limiter, "bootstrap_sessions", 0, 50,
+                             "server unavailable (CONNACK 3)"),
+}
 
 
-def test_device_waits_out_the_brokers_per_address_limit_and_then_pairs(quick, make_device):
-    limiter = quick.run.broker.limiter
-    quick.call(setattr, limiter, "bootstrap_sessions", 0)  # every bootstrap CONNECT: CONNACK 3
+@pytest.mark.parametrize("limit", BUSY)
+def test_device_waits_out_a_refusal_to_try_later_and_then_pairs(quick, make_device, limit):
+    holder, name, refuse_all, normal, seen = BUSY[limit]
+    quick.call(setattr, holder(quick), name, refuse_all)
     thermo, events = make_device("thermo-1")
     thermo.start()
-    limited = events.wait_for("error", WAIT)
-    assert "server unavailable (CONNACK 3)" in limited.data["message"] and limited.data["retry_in"] > 0
-    quick.call(setattr, limiter, "bootstrap_sessions", 50)
+    refused = events.wait_for("error", WAIT)
+    assert seen in refused.data["message"] and refused.data["retry_in"] > 0
+    quick.call(setattr, holder(quick), name, normal)
     shown = events.wait_for("code_shown", 3 * WAIT)
     quick.approve(shown.data["user_code"])
     assert events.wait_for("connected", WAIT)
